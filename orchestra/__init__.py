@@ -1,0 +1,12 @@
+"""orchestra: distributed training jobs for tf.keras on Ray.
+
+    spec (JobSpec) → preflight → dispatch (Ray Train workers under
+    MultiWorkerMirroredStrategy, worker.py) → coordinator (driver-side
+    callbacks) → storage / TensorBoard → client and CLI
+"""
+
+from orchestra.client import Client, JobStatus, load_model
+from orchestra.record import JobRecord, JobState
+from orchestra.spec import JobSpec, SpecError, load_spec
+
+__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "SpecError", "load_model", "load_spec"]

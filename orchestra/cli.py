@@ -1,0 +1,169 @@
+"""`orchestra`: submit, validate, inspect jobs.
+
+Exit codes: 0 success, 1 the job failed or was stopped, 2 bad input
+(nothing was started and no job folder was made).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from orchestra.spec import SpecError, json_schema, load_spec
+from orchestra.storage import StorageError
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", metavar="PATH",
+        help="root of the shared storage (default: ORCHESTRA_STORAGE, else ~/orchestra_storage)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestra", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    submit = verbs.add_parser("submit", help="validate a job spec and train it on Ray workers")
+    submit.add_argument("spec", help="path to a JSON job spec")
+    _storage_option(submit)
+    submit.add_argument("--workers", type=int, help="override scaling.workers")
+    submit.add_argument("--datasets", metavar="DIR", help="folder of <name>.npz datasets (default: ORCHESTRA_DATASETS)")
+    submit.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    validate = verbs.add_parser("validate", help="check a job spec without running it")
+    validate.add_argument("spec")
+    _storage_option(validate)
+    validate.add_argument("--workers", type=int, help="override scaling.workers")
+    validate.add_argument("--datasets", metavar="DIR")
+
+    status = verbs.add_parser("status", help="show one job")
+    status.add_argument("job_id")
+    _storage_option(status)
+    status.add_argument("--json", action="store_true")
+
+    listing = verbs.add_parser("list", help="list jobs, newest first")
+    _storage_option(listing)
+    listing.add_argument("--json", action="store_true")
+
+    verbs.add_parser("schema", help="print the job spec's JSON Schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return VERBS[args.verb](args)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StorageError as exc:
+        print(f"orchestra: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _prepare(args: argparse.Namespace):
+    from orchestra.preflight import preflight
+
+    if args.workers is not None and args.workers < 1:
+        raise SpecError([("--workers", f"must be at least 1, not {args.workers}")], args.spec)
+    spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
+    return preflight(spec, storage=args.storage, datasets=args.datasets, source=args.spec)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    prepared = _prepare(args)
+    spec = prepared.spec
+    print(f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
+          f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}")
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestra.dispatch import create_job, run_job
+
+    prepared = _prepare(args)
+    record = create_job(prepared)
+    epochs = prepared.spec.fit.epochs
+    print(f"job {record.job_id}: {prepared.spec.scaling.workers} workers, "
+          f"storage {prepared.storage.job_dir(record.job_id)}", flush=True)
+
+    def progress(result) -> None:
+        metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in result.metrics.items() if k != "learning_rate")
+        print(f"epoch {result.epoch}/{epochs}  {metrics}  {result.epoch_time:.2f}s", flush=True)
+
+    try:
+        record = run_job(prepared, record, progress=progress)
+    except KeyboardInterrupt:
+        print(f"job {record.job_id}: stopped", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    if args.json:
+        print(json.dumps(record.status(), indent=1))
+    else:
+        print(_summary(record.status()))
+    return EXIT_OK if record.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestra.client import Client
+
+    status = Client(args.storage).status(args.job_id).model_dump(mode="json")
+    print(json.dumps(status, indent=1) if args.json else _summary(status))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from orchestra.client import Client
+
+    statuses = [s.model_dump(mode="json") for s in Client(args.storage).list()]
+    if args.json:
+        print(json.dumps(statuses, indent=1))
+        return EXIT_OK
+    print(f"{'JOB':44} {'STATE':10} {'EPOCHS':>6} {'BEST':>6}  MONITOR")
+    for s in statuses:
+        best = "-" if s["best_epoch"] is None else str(s["best_epoch"])
+        print(f"{s['job_id']:44} {s['state']:10} {s['epochs_completed']:>6} {best:>6}  "
+              f"{s['monitor'] or '-'} {_fmt(s['best_value'])}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=1))
+    return EXIT_OK
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _summary(status: dict[str, Any]) -> str:
+    lines = [f"job {status['job_id']}: {status['state']}" + (f" ({status['reason']})" if status["reason"] else "")]
+    lines.append(f"  epochs completed  {status['epochs_completed']}"
+                 + (f", stopped early at epoch {status['stopped_epoch']}" if status["stopped_epoch"] else ""))
+    if status["best_epoch"] is not None:
+        lines.append(f"  best epoch        {status['best_epoch']} ({status['monitor']} {_fmt(status['best_value'])})")
+    if status["test_metrics"]:
+        lines.append("  test              " + "  ".join(f"{k} {_fmt(v)}" for k, v in status["test_metrics"].items()))
+    for label, key in (("best checkpoint", "checkpoint"), ("model", "model"), ("tensorboard", "tensorboard_logdir")):
+        if status[key]:
+            lines.append(f"  {label:<17} {status[key]}")
+    return "\n".join(lines)
+
+
+VERBS = {
+    "submit": cmd_submit,
+    "validate": cmd_validate,
+    "status": cmd_status,
+    "list": cmd_list,
+    "schema": cmd_schema,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

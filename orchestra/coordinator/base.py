@@ -1,0 +1,86 @@
+"""The one interface every driver-side callback implements.
+
+Workers report each epoch to the driver; the driver turns the reports into
+one `EpochResult` for the whole job and hands it to each callback in turn.
+A callback may add to the `Decision` every worker then obeys on the same
+epoch (stop, save a checkpoint, snapshot the best weights). Callbacks never
+talk to workers or to each other directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkerReport:
+    """What one worker sends at the end of an epoch (epochs count from 1)."""
+
+    rank: int
+    epoch: int
+    logs: dict[str, float]
+    epoch_time: float
+    samples: int
+    batch_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EpochResult:
+    """One epoch of the whole job."""
+
+    epoch: int
+    metrics: dict[str, float]
+    epoch_time: float
+    samples_per_second: float
+    batch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+
+    def history_entry(self) -> dict[str, float]:
+        return {
+            "epoch": self.epoch,
+            **self.metrics,
+            "epoch_time": self.epoch_time,
+            "samples_per_second": self.samples_per_second,
+        }
+
+
+@dataclass
+class Decision:
+    """What every worker does after an epoch, the same on every worker."""
+
+    stop: bool = False
+    snapshot_best_weights: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_state: dict[str, Any] = field(default_factory=dict)
+    save_weights_only: bool = False
+
+
+class CoordinatorCallback:
+    """Base class of driver-side callbacks; override what you need.
+
+    `state_dict`/`load_state_dict` let a job resume from a checkpoint with
+    the callback exactly as it was when that checkpoint was decided.
+    `record_fields` are what the callback contributes to the job record.
+    """
+
+    def on_job_start(self, job_id: str) -> None:
+        pass
+
+    def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
+        pass
+
+    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
+        pass
+
+    def on_job_end(self, final: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def record_fields(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,112 @@
+"""Checkpoints to shared storage, decided on the driver with Keras's rules."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult
+from orchestra.coordinator.monitor import Monitor, checkpoint_mode
+
+
+class Checkpoint(CoordinatorCallback):
+    """Keras's `ModelCheckpoint` for a whole job, plus retention.
+
+    Every epoch (or, with `save_best_only`, every epoch whose `monitor`
+    beats the best so far, exactly as `ModelCheckpoint` decides) the
+    workers are told to save into a fresh folder, which the chief publishes
+    by rename: a crash mid-write never leaves a checkpoint that loads wrong.
+    After each save only the newest `keep` checkpoints and the best one
+    remain. The best is the saved checkpoint with the best `monitor` value
+    (the earliest of equals, as Keras only counts strict improvements).
+
+    Args:
+        directory_for_epoch: where the checkpoint of an epoch goes.
+        monitor: metric name, e.g. `val_loss`.
+        mode: `auto`, `min` or `max`; `auto` is max when the name contains
+            `acc`, as in Keras's ModelCheckpoint.
+        save_best_only: save only when `monitor` improves.
+        save_weights_only: save weights (`model.weights.h5`) rather than the
+            whole model (`model.keras`).
+        keep: how many of the newest checkpoints to keep.
+
+    Example:
+
+        >>> ckpt = Checkpoint(lambda epoch: Path(f"/tmp/ck/epoch-{epoch}"), save_best_only=True)
+        >>> from orchestra.coordinator.base import Decision, EpochResult
+        >>> decision = Decision()
+        >>> ckpt.on_epoch_end(EpochResult(1, {"val_loss": 0.3}, 1.0, 1.0), decision)
+        >>> decision.checkpoint_dir
+        '/tmp/ck/epoch-1'
+    """
+
+    def __init__(
+        self,
+        directory_for_epoch: Callable[[int], Path],
+        monitor: str = "val_loss",
+        mode: str = "auto",
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        keep: int = 3,
+    ):
+        self.directory_for_epoch = directory_for_epoch
+        self.monitor = Monitor(monitor, checkpoint_mode(monitor, mode))
+        self.save_best_only = save_best_only
+        self.save_weights_only = save_weights_only
+        self.keep = keep
+        self.best = self.monitor.worst
+        self.saved: list[dict[str, Any]] = []  # {"epoch", "path", "value"}, oldest first
+        self._pending: dict[int, float | None] = {}
+
+    def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
+        current = result.metrics.get(self.monitor.name)
+        improved = current is not None and self.monitor.is_improvement(current, self.best)
+        if improved:
+            self.best = current
+        if self.save_best_only and not improved:
+            return
+        decision.checkpoint_dir = str(self.directory_for_epoch(result.epoch))
+        decision.save_weights_only = self.save_weights_only
+        self._pending[result.epoch] = current
+
+    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
+        value = self._pending.pop(epoch, None)
+        self.saved = [entry for entry in self.saved if entry["epoch"] != epoch]
+        self.saved.append({"epoch": epoch, "path": path, "value": value})
+        best = self.best_entry
+        keep = self.saved[-self.keep:] + ([best] if best else [])
+        for entry in self.saved:
+            if entry not in keep:
+                shutil.rmtree(entry["path"], ignore_errors=True)
+        self.saved = [entry for entry in self.saved if entry in keep]
+
+    @property
+    def best_entry(self) -> dict[str, Any] | None:
+        best = None
+        for entry in self.saved:
+            if entry["value"] is None:
+                continue
+            if best is None or self.monitor.is_improvement(entry["value"], best["value"]):
+                best = entry
+        return best or (self.saved[-1] if self.saved else None)
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        return self.saved[-1] if self.saved else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "saved": list(self.saved),
+            "pending": [[epoch, value] for epoch, value in self._pending.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+        self.saved = [entry for entry in state["saved"] if Path(entry["path"]).is_dir()]
+        self._pending = {epoch: value for epoch, value in state["pending"]}
+
+    def record_fields(self) -> dict[str, Any]:
+        best = self.best_entry
+        return {"checkpoints": list(self.saved), "best_checkpoint": best["path"] if best else None}

@@ -1,0 +1,113 @@
+"""The driver's side of a run: events from the channel → callbacks → record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestra.coordinator.aggregate import aggregate
+from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult, WorkerReport
+from orchestra.coordinator.checkpoint import Checkpoint
+from orchestra.coordinator.monitor import Monitor, early_stopping_mode
+from orchestra.record import JobRecord
+from orchestra.storage import Storage
+
+
+class Coordinator:
+    """Runs the driver-side callbacks, in order, on each whole-job epoch and
+    keeps the job record true after every event.
+
+    Args:
+        record: the job's record (already RUNNING).
+        storage: where the record is written.
+        callbacks: driver-side callbacks, called in this order.
+        progress: called with each epoch's result (the CLI prints a line).
+    """
+
+    def __init__(
+        self,
+        record: JobRecord,
+        storage: Storage,
+        callbacks: list[CoordinatorCallback],
+        progress: Callable[[EpochResult], None] = lambda result: None,
+        fallback_monitor: str = "loss",
+    ):
+        self.record = record
+        self.storage = storage
+        self.callbacks = callbacks
+        self.progress = progress
+        self.fallback = Monitor(fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
+        for callback in callbacks:
+            callback.on_job_start(record.job_id)
+
+    def on_epoch(self, reports: list[dict[str, Any]]) -> Decision:
+        result = aggregate([WorkerReport(**report) for report in reports])
+        decision = Decision()
+        for callback in self.callbacks:
+            callback.on_epoch_end(result, decision)
+        if decision.checkpoint_dir:
+            decision.checkpoint_state = {"epoch": result.epoch, "callbacks": self.state_dict()}
+        self.record.history.append(result.history_entry())
+        self.record.epochs_completed = result.epoch
+        self._refresh_record()
+        self.progress(result)
+        return decision
+
+    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint_saved(epoch, path)
+        self._refresh_record()
+
+    def on_restart(self, checkpoint: dict[str, Any] | None) -> None:
+        """Ray Train restarted the workers: roll back to their checkpoint."""
+        self.record.restarts += 1
+        resume_epoch = 0
+        if checkpoint is not None:
+            state = Storage.read_checkpoint_state(Path(checkpoint["path"]))
+            self.load_state_dict(state["callbacks"])
+            resume_epoch = checkpoint["epoch"]
+            for callback in self.callbacks:
+                callback.on_checkpoint_saved(resume_epoch, checkpoint["path"])
+        self.record.history = [h for h in self.record.history if h["epoch"] <= resume_epoch]
+        self.record.epochs_completed = resume_epoch
+        self._refresh_record()
+
+    def on_finished(self, final: dict[str, Any]) -> None:
+        self.record.test_metrics = final.get("test_metrics")
+        self.record.model_path = final.get("model_path")
+        for callback in self.callbacks:
+            callback.on_job_end(final)
+        self._refresh_record()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {type(cb).__name__: cb.state_dict() for cb in self.callbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            if type(callback).__name__ in state:
+                callback.load_state_dict(state[type(callback).__name__])
+
+    def _refresh_record(self) -> None:
+        fields: dict[str, Any] = {}
+        for callback in self.callbacks:
+            fields.update(callback.record_fields())
+        if "best_epoch" not in fields:
+            fields.update(self._best_from_history())
+        for name, value in fields.items():
+            setattr(self.record, name, value)
+        self.storage.write_record(self.record)
+
+    def _best_from_history(self) -> dict[str, Any]:
+        """Without early stopping, the best epoch by the checkpoint's monitor
+        (or val_loss, or loss): strictly better only, as Keras counts it."""
+        monitor = self.fallback
+        checkpoint = next((cb for cb in self.callbacks if isinstance(cb, Checkpoint)), None)
+        if checkpoint is not None:
+            monitor = checkpoint.monitor
+        best_epoch, best = None, monitor.worst
+        for entry in self.record.history:
+            value = entry.get(monitor.name)
+            if value is not None and monitor.is_improvement(value, best):
+                best_epoch, best = int(entry["epoch"]), value
+        return {"monitor": monitor.name, "best_epoch": best_epoch,
+                "best_value": best if best_epoch is not None else None}

@@ -1,0 +1,272 @@
+"""Spec → arrays → per-worker tf.data pipelines.
+
+Arrays are prepared identically on the driver (to check the spec) and on each
+worker: the same seed gives the same split on every process. Each worker then
+takes its share of every global batch: the order of an epoch is one seeded
+permutation of the whole training set, cut into global batches, and worker
+`rank` of `N` takes slice `rank` of each. So global batch k holds the same
+examples whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestra.spec import DataSpec
+
+DATASETS_ENV = "ORCHESTRA_DATASETS"
+DEFAULT_DATASETS_DIR = Path("~/orchestra_datasets").expanduser()
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "boston_housing")
+
+
+class DataError(ValueError):
+    """The data a spec names cannot be found or read; `field` is its spec path."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def datasets_dir(override: str | os.PathLike | None = None) -> Path:
+    if override is not None:
+        return Path(override).expanduser()
+    return Path(os.environ.get(DATASETS_ENV) or DEFAULT_DATASETS_DIR).expanduser()
+
+
+def resolve_source(source: str, directory: Path) -> Path | None:
+    """The `.npz` file a source names, or None for a Keras download.
+
+    A path ending in `.npz` is used as it is. A dataset name is looked up as
+    `<directory>/<name>.npz`; if it is not there and Keras knows the name, it
+    is left to Keras's downloader (None).
+    """
+    if source.endswith(".npz"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError("data.source", f"no such .npz file: {path}")
+        return path.resolve()
+    candidate = directory / f"{source}.npz"
+    if candidate.is_file():
+        return candidate.resolve()
+    if source not in KERAS_DATASETS:
+        raise DataError(
+            "data.source",
+            f"'{source}' is neither an .npz path nor a dataset in {directory} "
+            f"(expected {candidate}); Keras datasets: {', '.join(KERAS_DATASETS)}",
+        )
+    return None
+
+
+@dataclass
+class Arrays:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, np.ndarray]:
+    """Keras's four arrays, from the .npz file or else from Keras's downloader."""
+    if npz_path is not None:
+        with np.load(npz_path) as npz:
+            missing = {"x_train", "y_train"} - set(npz.files)
+            if missing:
+                raise DataError(
+                    "data.source",
+                    f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
+                    "x_train, y_train[, x_test, y_test]",
+                )
+            return {key: npz[key] for key in npz.files}
+    from orchestra.keras_compat import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras().datasets, source).load_data()
+    except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
+        raise DataError(
+            "data.source",
+            f"dataset '{source}' is not in {directory} and Keras could not download it "
+            f"({type(exc).__name__}: {str(exc)[:200]}); put {source}.npz in Keras's array "
+            f"layout into {directory}, or point {DATASETS_ENV} / --datasets at a folder that has it",
+        ) from None
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
+    """Split, subset, rescale, reshape and encode the arrays as the spec says."""
+    raw = read_raw(spec.source, npz_path, directory)
+    x, y = raw["x_train"], _column(raw["y_train"])
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(x))
+    n_val = 0
+    if spec.validation_split is not None:
+        n_val = int(np.ceil(spec.validation_split * len(x)))
+    elif spec.validation_size is not None:
+        n_val = spec.validation_size
+    train_idx = order[n_val:]
+    if spec.train_size is not None:
+        train_idx = train_idx[: spec.train_size]
+    if n_val + (spec.train_size or 1) > len(x):
+        raise DataError(
+            "data.validation_size" if spec.validation_size else "data.train_size",
+            f"asks for {n_val} validation + {spec.train_size or 1} training examples "
+            f"but the source has {len(x)}",
+        )
+    val_idx = order[:n_val]
+    x_test = raw.get("x_test") if spec.test else None
+    y_test = raw.get("y_test") if spec.test else None
+    if x_test is not None and spec.test_size is not None:
+        x_test, y_test = x_test[: spec.test_size], y_test[: spec.test_size]
+
+    num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
+
+    def features(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        if spec.rescale is not None:
+            a *= np.float32(spec.rescale)
+        if spec.flatten:
+            return a.reshape(len(a), -1)
+        if spec.reshape is not None:
+            try:
+                return a.reshape(len(a), *spec.reshape)
+            except ValueError:
+                raise DataError(
+                    "data.reshape",
+                    f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
+                ) from None
+        return a
+
+    def labels(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        if num_classes is None:
+            return a
+        if a.ndim > 1:
+            return a.astype(np.float32)
+        if int(a.max()) >= num_classes:
+            raise DataError("data.num_classes", f"label {int(a.max())} is not below num_classes {num_classes}")
+        return np.eye(num_classes, dtype=np.float32)[a.astype(np.int64)]
+
+    return Arrays(
+        x_train=features(x[train_idx]),
+        y_train=labels(y[train_idx]),
+        x_val=features(x[val_idx]) if n_val else None,
+        y_val=labels(y[val_idx]) if n_val else None,
+        x_test=features(x_test) if x_test is not None else None,
+        y_test=labels(_column(y_test)) if x_test is not None else None,
+    )
+
+
+def _column(labels: np.ndarray) -> np.ndarray:
+    """Labels of shape (n, 1), as some datasets ship them, as shape (n,)."""
+    labels = np.asarray(labels)
+    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch; the partial last batch is dropped so that
+    every worker takes an equal, non-empty share of every step."""
+    return max(1, n_examples // global_batch)
+
+
+def training_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    seed: int,
+    initial_epoch: int,
+    class_weight: dict[int, float] | None,
+    parallel_calls: int,
+    prefetch: int,
+):
+    """An endless per-worker dataset: epoch after epoch, this worker's share of
+    each global batch, in an order fixed by (seed, epoch).
+
+    Endless, so that MultiWorkerMirroredStrategy never has to vote on the end
+    of the data; `fit` is given `steps_per_epoch` instead.
+    """
+    import tensorflow as tf
+
+    n = len(x)
+    steps = steps_per_epoch(n, global_batch)
+    per_worker = global_batch // world_size
+    x_t, y_t = tf.constant(x), tf.constant(y)
+    weights = None
+    if class_weight:
+        labels = y.argmax(axis=-1) if y.ndim > 1 else y.astype(np.int64)
+        weights = tf.constant(np.array([class_weight.get(int(c), 1.0) for c in labels], np.float32))
+
+    def epoch_indices(epoch):
+        order = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(
+                order, seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+            )
+        batches = tf.reshape(order[: steps * global_batch], [steps, world_size, per_worker])
+        return tf.data.Dataset.from_tensor_slices(batches[:, rank, :])
+
+    def gather(indices):
+        if weights is None:
+            return tf.gather(x_t, indices), tf.gather(y_t, indices)
+        return tf.gather(x_t, indices), tf.gather(y_t, indices), tf.gather(weights, indices)
+
+    dataset = (
+        tf.data.Dataset.range(initial_epoch, 2**62)
+        .flat_map(epoch_indices)
+        .map(gather, num_parallel_calls=parallel_calls, deterministic=True)
+    )
+    return _unsharded(dataset).prefetch(prefetch)
+
+
+def evaluation_steps(n_examples: int, per_worker_batch: int, world_size: int) -> int:
+    """Batches each worker runs over a whole evaluation set: the same number
+    on every worker (as MultiWorkerMirroredStrategy needs), none empty."""
+    smallest_share = n_examples // world_size
+    if smallest_share == 0:
+        raise DataError("data", f"an evaluation set of {n_examples} examples cannot be split across {world_size} workers")
+    largest_share = -(-n_examples // world_size)
+    return min(-(-largest_share // per_worker_batch), smallest_share)
+
+
+def evaluation_dataset(x: np.ndarray, y: np.ndarray, *, per_worker_batch: int, rank: int, world_size: int):
+    """This worker's contiguous share of a whole evaluation set, each example
+    in exactly one worker's share, so the job's metrics cover the set once.
+
+    Every worker yields `evaluation_steps(...)` non-empty batches; batches may
+    differ in size by a few examples, which leaves Keras's metrics exact
+    (they are sums weighted by batch size)."""
+    import tensorflow as tf
+
+    bounds = np.linspace(0, len(x), world_size + 1).astype(np.int64)
+    start, stop = bounds[rank], bounds[rank + 1]
+    steps = evaluation_steps(len(x), per_worker_batch, world_size)
+    edges = np.linspace(start, stop, steps + 1).astype(np.int64)
+    x_t, y_t = tf.constant(x), tf.constant(y)
+    starts, stops = tf.constant(edges[:-1]), tf.constant(edges[1:])
+
+    def batch(i):
+        indices = tf.range(starts[i], stops[i])
+        return tf.gather(x_t, indices), tf.gather(y_t, indices)
+
+    return _unsharded(tf.data.Dataset.range(steps).map(batch))
+
+
+def _unsharded(dataset):
+    """orchestra shards by hand; keep tf.distribute from sharding again."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)

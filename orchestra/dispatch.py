@@ -1,0 +1,174 @@
+"""Prepared spec → Ray Train job on an embedded local Ray, driven to its end.
+
+The driver runs `TensorflowTrainer.fit()` in a background thread and, in the
+foreground, the coordinator: it reads the channel's events (whole epochs,
+saved checkpoints, restarts, the final evaluation), runs the driver-side
+callbacks and answers the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any, Callable
+
+from orchestra.coordinator import Checkpoint, Coordinator, CoordinatorCallback, EarlyStopping, EpochResult, TensorBoard
+from orchestra.preflight import Prepared
+from orchestra.record import JobRecord, JobState
+from orchestra.spec import CheckpointSpec, JobSpec
+
+POLL_SECONDS = 0.5
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the Ray at `address`, or start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Worker prints are otherwise routed through logging and shown twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def make_callbacks(spec: JobSpec, prepared: Prepared, job_id: str) -> list[CoordinatorCallback]:
+    storage = prepared.storage
+    callbacks: list[CoordinatorCallback] = []
+    if spec.callbacks.early_stopping is not None:
+        callbacks.append(EarlyStopping(**spec.callbacks.early_stopping.model_dump()))
+    checkpoint = spec.callbacks.checkpoint
+    if checkpoint is None and spec.scaling.max_failures > 0:
+        # A job that may be restarted needs something to restart from.
+        monitor = "val_loss" if spec.data.has_validation else "loss"
+        checkpoint = CheckpointSpec(monitor=monitor, keep=1)
+    if checkpoint is not None:
+        callbacks.append(Checkpoint(lambda epoch: storage.checkpoint_dir(job_id, epoch), **checkpoint.model_dump()))
+    if spec.callbacks.tensorboard is not None:
+        callbacks.append(TensorBoard(storage.tensorboard_dir(job_id), spec.callbacks.tensorboard.update_freq))
+    return callbacks
+
+
+def create_job(prepared: Prepared) -> JobRecord:
+    """The job's folder and PENDING record: the first thing written."""
+    spec = prepared.spec
+    job_id = prepared.storage.new_job_id(spec.name)
+    prepared.storage.create_job_dir(job_id)
+    record = JobRecord(
+        job_id=job_id,
+        name=spec.name,
+        workers=spec.scaling.workers,
+        spec=spec.model_dump(mode="json"),
+        examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
+    )
+    prepared.storage.write_record(record)
+    return record
+
+
+def run_job(
+    prepared: Prepared,
+    record: JobRecord,
+    progress: Callable[[EpochResult], None] = lambda result: None,
+    on_channel: Callable[[Any], None] = lambda channel: None,
+) -> JobRecord:
+    """Train the job to its end and return its final record."""
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from orchestra.coordinator.channel import Channel
+    from orchestra.worker import train_loop
+
+    spec, storage = prepared.spec, prepared.storage
+    ensure_ray()
+    channel = Channel.remote(spec.scaling.workers)
+    on_channel(channel)
+    coordinator = Coordinator(
+        record, storage, make_callbacks(spec, prepared, record.job_id), progress,
+        fallback_monitor="val_loss" if spec.data.has_validation else "loss",
+    )
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "channel": channel,
+            "npz_path": str(prepared.npz_path) if prepared.npz_path else None,
+            "datasets_dir": str(prepared.datasets_dir),
+            "model_dir": str(storage.model_dir(record.job_id)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=record.job_id,
+            storage_path=str(storage.job_dir(record.job_id) / "ray"),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            # Set before TensorFlow is first imported in the worker, or tf.keras is Keras 3.
+            worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - reported on the record
+            outcome["error"] = exc
+
+    record.transition(JobState.RUNNING)
+    storage.write_record(record)
+    thread = threading.Thread(target=fit, name=f"fit-{record.job_id}", daemon=True)
+    thread.start()
+    try:
+        _drive(channel, coordinator, thread)
+    except KeyboardInterrupt:
+        record.transition(JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
+        storage.write_record(record)
+        ray.kill(channel)
+        raise
+    if "error" in outcome:
+        record.transition(JobState.FAILED, _error_text(outcome["error"]))
+    else:
+        record.transition(JobState.SUCCEEDED)
+    storage.write_record(record)
+    ray.kill(channel)
+    return record
+
+
+def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
+    """Answer the channel's events until training has ended and all is read."""
+    import ray
+
+    while True:
+        event = ray.get(channel.next_event.remote(POLL_SECONDS))
+        if event is None:
+            if not thread.is_alive():
+                return
+            continue
+        kind = event["kind"]
+        if kind == "epoch":
+            decision = coordinator.on_epoch(event["reports"])
+            channel.decide.remote(event["attempt"], event["epoch"], dataclasses.asdict(decision))
+        elif kind == "saved":
+            coordinator.on_checkpoint_saved(event["epoch"], event["path"])
+        elif kind == "restart":
+            coordinator.on_restart(event["checkpoint"])
+        elif kind == "finished":
+            coordinator.on_finished(event)
+
+
+def _error_text(exc: BaseException) -> str:
+    """The root cause a user can act on, not Ray's wrapping of it."""
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and ("Error" in line or "Exception" in line) and not line.startswith("File "):
+            return line[:2000]
+    return (text or type(exc).__name__)[:2000]

@@ -1,0 +1,47 @@
+"""Which Keras orchestra trains with, and why it must be the Keras 2 line.
+
+With TensorFlow 2.21, Keras 3's `fit` under MultiWorkerMirroredStrategy fails
+on the first batch ("Attempt to convert a value (PerReplica...)"); the
+tf-keras package (Keras 2) trains correctly. Everything in orchestra (driver,
+workers, tests, loading a checkpoint) imports Keras through `keras()` here.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+# TensorFlow reads these when it is first imported; set them before that.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class KerasVersionError(RuntimeError):
+    pass
+
+
+def keras() -> ModuleType:
+    """Return tf-keras (Keras 2), failing clearly if only Keras 3 is there."""
+    try:
+        import tf_keras
+    except ImportError:
+        raise KerasVersionError(
+            "orchestra needs the tf-keras package (Keras 2) at TensorFlow's version: "
+            "Keras 3's fit fails under MultiWorkerMirroredStrategy. "
+            "Install it with: pip install 'tf-keras==<your tensorflow version>'"
+        ) from None
+    if not tf_keras.__version__.startswith("2."):
+        raise KerasVersionError(f"tf_keras {tf_keras.__version__} is not the Keras 2 line")
+    return tf_keras
+
+
+def tensorflow() -> ModuleType:
+    import tensorflow as tf
+
+    keras()
+    if not tf.keras.__name__.startswith("tf_keras"):
+        raise KerasVersionError(
+            f"tf.keras resolves to {tf.keras.__name__} (Keras 3), not tf-keras: "
+            "set TF_USE_LEGACY_KERAS=1 before TensorFlow is imported"
+        )
+    return tf

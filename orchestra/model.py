@@ -1,0 +1,131 @@
+"""Spec → Keras model: names resolved through Keras's own registries only.
+
+Nothing here imports a module a spec names or evaluates spec text: a layer is
+an attribute of `keras.layers` that is a Layer class, an optimizer, loss or
+metric is whatever Keras's `get` returns for the name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from orchestra.keras_compat import keras
+from orchestra.spec import JobSpec, OptimizerSpec
+
+# Strings `compile` accepts as metrics without a registry entry.
+_COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
+
+
+def _suggest(name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.6)
+    if not close:
+        close = [a for a in allowed if a.lower() == name.lower()]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return hint
+
+
+def layer_names() -> list[str]:
+    layers = keras().layers
+    return sorted(
+        name for name in dir(layers)
+        if not name.startswith("_")
+        and inspect.isclass(getattr(layers, name))
+        and issubclass(getattr(layers, name), layers.Layer)
+        and name not in ("Layer", "InputLayer", "AbstractRNNCell", "InputSpec")
+    )
+
+
+def optimizer_names() -> list[str]:
+    optimizers = keras().optimizers
+    return sorted(
+        name.lower() for name in dir(optimizers)
+        if inspect.isclass(getattr(optimizers, name)) and name != "Optimizer"
+    )
+
+
+def loss_names() -> list[str]:
+    losses = keras().losses
+    return sorted(
+        name for name in dir(losses)
+        if not name.startswith("_") and callable(getattr(losses, name))
+        and name not in ("get", "serialize", "deserialize", "Loss", "Reduction")
+    )
+
+
+def metric_names() -> list[str]:
+    metrics = keras().metrics
+    registered = [
+        name for name in dir(metrics)
+        if not name.startswith("_") and callable(getattr(metrics, name))
+        and name not in ("get", "serialize", "deserialize", "Metric")
+    ]
+    return sorted(set(registered) | set(_COMPILE_METRIC_ALIASES))
+
+
+def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
+    """Every layer, optimizer, loss and metric name the spec uses, checked
+    against Keras, as (field path, message with close matches)."""
+    problems = []
+    layers = layer_names()
+    for i, layer in enumerate(spec.model.layers):
+        if layer.type not in layers:
+            problems.append((
+                f"model.layers.{i}.type",
+                f"unknown layer '{layer.type}'{_suggest(layer.type, layers)} "
+                "(allowed: any Layer class of keras.layers, e.g. Dense, Dropout, Flatten, Conv2D)",
+            ))
+    optimizers = optimizer_names()
+    name = spec.compile.optimizer_spec.type
+    if name.lower() not in optimizers:
+        path = "compile.optimizer" + (".type" if isinstance(spec.compile.optimizer, OptimizerSpec) else "")
+        problems.append((path, f"unknown optimizer '{name}'{_suggest(name.lower(), optimizers)} "
+                               f"(allowed: {', '.join(optimizers)})"))
+    losses = loss_names()
+    if spec.compile.loss not in losses:
+        problems.append(("compile.loss", f"unknown loss '{spec.compile.loss}'"
+                                         f"{_suggest(spec.compile.loss, losses)} (allowed: names in keras.losses)"))
+    metrics = metric_names()
+    for i, metric in enumerate(spec.compile.metrics):
+        if metric not in metrics:
+            problems.append((f"compile.metrics.{i}", f"unknown metric '{metric}'"
+                                                     f"{_suggest(metric, metrics)} (allowed: names in keras.metrics)"))
+    return problems
+
+
+def make_optimizer(spec: OptimizerSpec):
+    config: dict[str, Any] = {
+        key: value for key, value in spec.model_dump().items() if key != "type" and value is not None
+    }
+    return keras().optimizers.get({"class_name": spec.type.lower(), "config": config})
+
+
+def build_model(spec: JobSpec, input_shape: tuple[int, ...]):
+    """The Sequential model the spec describes, compiled. Call it inside a
+    distribution strategy's scope to get distributed variables."""
+    k = keras()
+    k.utils.set_random_seed(spec.seed)
+    shape = tuple(spec.model.input_shape) if spec.model.input_shape else input_shape
+    layers = [k.Input(shape=shape)]
+    for i, layer in enumerate(spec.model.layers):
+        try:
+            layers.append(getattr(k.layers, layer.type)(**layer.arguments))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
+    try:
+        model = k.Sequential(layers, name=spec.name.replace("-", "_").replace(".", "_"))
+    except (TypeError, ValueError) as exc:
+        raise ModelError("model.layers", str(exc).strip().splitlines()[0]) from None
+    model.compile(
+        optimizer=make_optimizer(spec.compile.optimizer_spec),
+        loss=spec.compile.loss,
+        metrics=list(spec.compile.metrics),
+    )
+    return model
+
+
+class ModelError(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)

@@ -1,0 +1,115 @@
+"""The job record and the explicit state machine of a job's life.
+
+    PENDING ──► RUNNING ──► SUCCEEDED
+       │           │──────► FAILED
+       └───────────┴──────► STOPPED / FAILED
+
+A record is the one file `status`, `list` and the client read; the
+coordinator rewrites it atomically after every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED})
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.STOPPED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class CheckpointEntry(BaseModel):
+    epoch: int
+    path: str
+    value: float | None = None
+
+
+class JobRecord(BaseModel):
+    """Everything known about one job. Epochs are counted from 1, as Keras
+    prints them: `stopped_epoch` 146 is Keras's `stopped_epoch + 1`."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    job_id: str
+    name: str
+    state: JobState = JobState.PENDING
+    reason: str | None = Field(default=None, description="Why the job is in its state, e.g. the error.")
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    workers: int
+    spec: dict[str, Any]
+    epochs_completed: int = 0
+    stopped_epoch: int | None = None
+    monitor: str | None = None
+    best_epoch: int | None = None
+    best_value: float | None = None
+    history: list[dict[str, float]] = Field(default_factory=list)
+    checkpoints: list[CheckpointEntry] = Field(default_factory=list)
+    best_checkpoint: str | None = None
+    model_path: str | None = Field(default=None, description="The model training ended with.")
+    tensorboard_logdir: str | None = None
+    test_metrics: dict[str, float] | None = None
+    restarts: int = 0
+    examples_dropped_per_epoch: int = 0
+
+    def transition(self, new: JobState, reason: str | None = None) -> None:
+        if new not in ALLOWED_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"job {self.job_id}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+        self.reason = reason
+        now = time.time()
+        if new is JobState.RUNNING:
+            self.started_at = now
+        if new.is_terminal:
+            self.ended_at = now
+
+    def status(self) -> dict[str, Any]:
+        """The object `orchestra status --json` prints."""
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "workers": self.workers,
+            "epochs_completed": self.epochs_completed,
+            "stopped_epoch": self.stopped_epoch,
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "monitor": self.monitor,
+            "metrics": self.history[-1] if self.history else {},
+            "checkpoint": self.best_checkpoint,
+            "model": self.model_path,
+            "tensorboard_logdir": self.tensorboard_logdir,
+            "test_metrics": self.test_metrics,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "restarts": self.restarts,
+        }

@@ -1,0 +1,440 @@
+"""The job spec: one Pydantic model that is the single source of truth.
+
+The JSON a user writes, the JSON Schema (`orchestra schema`), the error
+messages (`orchestra validate`) and the defaults all come from the classes
+below. Validation here is structural and needs no TensorFlow; names of Keras
+layers, optimizers, losses and metrics are checked against Keras itself by
+`orchestra.model.check_keras_names` before anything is dispatched.
+
+Example:
+
+    >>> spec = JobSpec.model_validate({
+    ...     "data": {"source": "mnist", "rescale": "1/255", "flatten": True,
+    ...              "labels": "one_hot", "train_size": 700,
+    ...              "validation_size": 300},
+    ...     "model": {"layers": [{"type": "Dense", "units": 2, "activation": "relu"},
+    ...                          {"type": "Dense", "units": 10, "activation": "softmax"}]},
+    ...     "compile": {"optimizer": "sgd", "loss": "categorical_crossentropy",
+    ...                 "metrics": ["accuracy"]},
+    ...     "fit": {"epochs": 3000, "batch_size": 10},
+    ...     "callbacks": {"early_stopping": {"patience": 30}},
+    ... })
+    >>> spec.scaling.workers
+    2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Mode = Literal["auto", "min", "max"]
+
+# Losses that need one-hot labels, and those that need integer class labels.
+ONE_HOT_LOSSES = frozenset({
+    "categorical_crossentropy", "CategoricalCrossentropy",
+    "categorical_focal_crossentropy", "CategoricalFocalCrossentropy",
+    "categorical_hinge", "CategoricalHinge",
+})
+SPARSE_LOSSES = frozenset({
+    "sparse_categorical_crossentropy", "SparseCategoricalCrossentropy",
+})
+
+
+def _snake_case(name: str) -> str:
+    """Keras's own rule for the default name of a metric class."""
+    name = re.sub(r"(.)([A-Z][a-z0-9]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+# Separates a field path from its message inside one cross-field error.
+_PATH_END = " :: "
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown fields are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Accept `0.5`, `"0.5"` or `"1/255"` (JSON has no way to write 1/255)."""
+    if isinstance(value, str) and "/" in value:
+        top, _, bottom = value.partition("/")
+        try:
+            return float(top) / float(bottom)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"'{value}' is not a number or a fraction like '1/255'") from None
+    return value
+
+
+class DataSpec(StrictModel):
+    """Where the examples come from and how they are prepared.
+
+    `source` is a Keras dataset name (`mnist`, `fashion_mnist`, `cifar10`, …),
+    looked up first as `<name>.npz` in the dataset directory
+    (`ORCHESTRA_DATASETS` or `--datasets`), or a path to an `.npz` file with
+    Keras's arrays `x_train`, `y_train` and optionally `x_test`, `y_test`.
+    """
+
+    source: str = Field(
+        min_length=1,
+        description="Keras dataset name (mnist, fashion_mnist, cifar10, ...) or path to an .npz file.",
+    )
+    rescale: float | None = Field(
+        default=None,
+        description="Multiply pixel values by this factor, e.g. '1/255'.",
+    )
+    flatten: bool = Field(default=False, description="Flatten each example to one dimension.")
+    reshape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, description="Reshape each example to this shape (without the batch axis)."
+    )
+    labels: Literal["sparse", "one_hot"] = Field(
+        default="sparse", description="Integer class labels, or one-hot vectors."
+    )
+    num_classes: int | None = Field(
+        default=None, ge=2, description="Classes for one-hot labels (default: largest label + 1)."
+    )
+    train_size: int | None = Field(
+        default=None, ge=1, description="Draw this many training examples at random."
+    )
+    validation_size: int | None = Field(
+        default=None, ge=1,
+        description="Draw this many validation examples at random from the training arrays.",
+    )
+    validation_split: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="Hold out this fraction of the training arrays for validation.",
+    )
+    test: bool = Field(
+        default=True, description="Evaluate the final model on the dataset's test arrays."
+    )
+    test_size: int | None = Field(
+        default=None, ge=1, description="Evaluate on only the first N test examples."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed of the random split and subsets.")
+
+    _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
+
+    @field_validator("rescale")
+    @classmethod
+    def _rescale_positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError("must be a positive finite number, e.g. '1/255'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_validate(self) -> DataSpec:
+        if self.validation_split is not None and self.validation_size is not None:
+            raise ValueError(
+                "give either validation_split (a fraction) or validation_size "
+                "(a number of examples), not both"
+            )
+        if self.flatten and self.reshape is not None:
+            raise ValueError("give either flatten or reshape, not both")
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_split is not None or self.validation_size is not None
+
+
+class LayerSpec(BaseModel):
+    """One Keras layer: `type` is a class in `keras.layers`; every other key
+    is passed to its constructor, e.g. `{"type": "Dense", "units": 10}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1, description="A class name from keras.layers, e.g. Dense.")
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSpec(StrictModel):
+    """A Sequential stack of Keras layers."""
+
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="Shape of one example (without the batch axis); default: the data's shape.",
+    )
+    layers: list[LayerSpec] = Field(min_length=1, description="Layers, first to last.")
+
+
+class OptimizerSpec(StrictModel):
+    """An optimizer with arguments, e.g. `{"type": "adam", "learning_rate": 1e-3}`."""
+
+    type: str = Field(min_length=1, description="A name from keras.optimizers, e.g. adam, sgd.")
+    learning_rate: float | None = Field(default=None, gt=0)
+    momentum: float | None = Field(default=None, ge=0)
+
+
+class CompileSpec(StrictModel):
+    optimizer: str | OptimizerSpec = Field(default="rmsprop", description="Optimizer name or object.")
+    loss: str = Field(min_length=1, description="A name from keras.losses.")
+    metrics: list[str] = Field(default_factory=list, description="Names from keras.metrics.")
+
+    @property
+    def optimizer_spec(self) -> OptimizerSpec:
+        if isinstance(self.optimizer, str):
+            return OptimizerSpec(type=self.optimizer)
+        return self.optimizer
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names Keras logs these metrics under: a class name such as
+        `AUC` is logged in snake case (`auc`), any other name as written."""
+        return [_snake_case(m) if m[:1].isupper() else m for m in self.metrics]
+
+
+class FitSpec(StrictModel):
+    """Arguments of Keras's `fit`. `batch_size` is the global batch, split
+    evenly across the workers."""
+
+    epochs: int = Field(default=1, ge=1, le=1_000_000)
+    batch_size: int = Field(default=32, ge=1, description="Global batch size across all workers.")
+    shuffle: bool = True
+    class_weight: dict[int, Annotated[float, Field(ge=0)]] | None = None
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+    validation_freq: int = Field(default=1, ge=1)
+    validation_batch_size: int | None = Field(default=None, ge=1)
+    validation_steps: int | None = Field(default=None, ge=1)
+    verbose: Literal[0, 1, 2] = Field(default=0, description="Keras progress output on the workers.")
+
+
+class EarlyStoppingSpec(StrictModel):
+    """Keras's `EarlyStopping`, decided once for the whole job on the driver."""
+
+    monitor: str = "val_loss"
+    min_delta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    patience: int = Field(default=0, ge=0)
+    mode: Mode = "auto"
+    baseline: float | None = Field(default=None, allow_inf_nan=False)
+    restore_best_weights: bool = False
+    start_from_epoch: int = Field(default=0, ge=0)
+
+
+class CheckpointSpec(StrictModel):
+    """Keras's `ModelCheckpoint`, written to shared storage by the workers on
+    the driver's decision."""
+
+    monitor: str = "val_loss"
+    mode: Mode = "auto"
+    save_best_only: bool = False
+    save_weights_only: bool = False
+    keep: int = Field(default=3, ge=1, description="Keep the newest N checkpoints (the best is always kept).")
+
+
+class TensorBoardSpec(StrictModel):
+    update_freq: Literal["epoch", "batch"] = "epoch"
+    histogram_freq: int = Field(default=0, ge=0, description="Weight histograms every N epochs (0: off).")
+
+
+class CallbacksSpec(StrictModel):
+    early_stopping: EarlyStoppingSpec | None = None
+    checkpoint: CheckpointSpec | None = None
+    tensorboard: TensorBoardSpec | None = Field(default_factory=TensorBoardSpec)
+
+
+class ScalingSpec(StrictModel):
+    workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (one replica each).")
+    cpus_per_worker: float = Field(default=1, gt=0, le=1024)
+    use_gpu: bool = False
+    max_failures: int = Field(
+        default=0, ge=0, le=100,
+        description="Restart the workers from the latest checkpoint this many times.",
+    )
+
+
+class DataLoaderSpec(StrictModel):
+    processes: int = Field(default=2, ge=1, le=64, description="Parallel input-pipeline workers.")
+    prefetch: int = Field(default=2, ge=0, le=64, description="Batches prepared ahead of the model.")
+
+
+class JobSpec(StrictModel):
+    """A training job: what to train, on what, how, and where to keep it."""
+
+    name: str = Field(
+        default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Job name; the job id starts with it.",
+    )
+    comment: str | None = Field(default=None, description="Free text, e.g. which seed it reproduces.")
+    seed: int = Field(default=0, ge=0, description="Seed of initial weights and shuffling.")
+    data: DataSpec
+    model: ModelSpec
+    compile: CompileSpec
+    fit: FitSpec = Field(default_factory=FitSpec)
+    callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    data_loader: DataLoaderSpec = Field(default_factory=DataLoaderSpec)
+    storage: str | None = Field(
+        default=None,
+        description="Root of the shared storage (a path); default ORCHESTRA_STORAGE or ~/orchestra_storage.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        """Rules that span sections; every broken one is reported, each under
+        the path of the field to change."""
+        problems = []
+        loss = self.compile.loss
+        if loss in ONE_HOT_LOSSES and self.data.labels != "one_hot":
+            problems.append((
+                "data.labels",
+                f"is '{self.data.labels}' but compile.loss '{loss}' expects one-hot labels: "
+                "set data.labels to 'one_hot' or use 'sparse_categorical_crossentropy'",
+            ))
+        if loss in SPARSE_LOSSES and self.data.labels != "sparse":
+            problems.append((
+                "data.labels",
+                f"is '{self.data.labels}' but compile.loss '{loss}' expects integer labels: "
+                "set data.labels to 'sparse' or use 'categorical_crossentropy'",
+            ))
+        if self.fit.batch_size % self.scaling.workers:
+            problems.append((
+                "fit.batch_size",
+                f"{self.fit.batch_size} must be a multiple of scaling.workers "
+                f"{self.scaling.workers} (each worker takes an equal share)",
+            ))
+        allowed = self.logged_metrics
+        for name, section in (
+            ("early_stopping", self.callbacks.early_stopping),
+            ("checkpoint", self.callbacks.checkpoint),
+        ):
+            if section is not None and section.monitor not in allowed:
+                problems.append((
+                    f"callbacks.{name}.monitor",
+                    f"'{section.monitor}' is not a metric this job logs; allowed: {', '.join(allowed)}",
+                ))
+        if problems:
+            raise ValueError("\n".join(f"{path}{_PATH_END}{message}" for path, message in problems))
+        return self
+
+    @property
+    def logged_metrics(self) -> list[str]:
+        """Every key Keras puts in the epoch logs of this job."""
+        train = ["loss", *self.compile.metric_names]
+        if not self.data.has_validation:
+            return train
+        return train + [f"val_{name}" for name in train]
+
+    def with_overrides(
+        self, *, workers: int | None = None, storage: str | None = None, source: str = "spec"
+    ) -> JobSpec:
+        """A copy with CLI overrides applied and validated again."""
+        data = self.model_dump(mode="json")
+        if workers is not None:
+            data["scaling"]["workers"] = workers
+        if storage is not None:
+            data["storage"] = storage
+        try:
+            return JobSpec.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(problems_of(exc), source) from None
+
+
+class SpecError(Exception):
+    """A spec that cannot run; `problems` are (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: invalid job spec"] + [f"  {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def problems_of(error: ValidationError) -> list[tuple[str, str]]:
+    """Pydantic's errors as (dotted field path, message naming what is allowed)."""
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(spec)"
+        message = item["msg"].removeprefix("Value error, ")
+        if _PATH_END in message:
+            for line in message.splitlines():
+                field, _, text = line.partition(_PATH_END)
+                problems.append((".".join(filter(None, [path if path != "(spec)" else "", field])), text))
+            continue
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+            parent = _model_at(item["loc"][:-1])
+            if parent is not None:
+                message += f"; allowed: {', '.join(parent.model_fields)}"
+        message = message.replace("Input should be", "must be")
+        value = item.get("input")
+        if item["type"] != "extra_forbidden" and isinstance(value, (int, float, str, bool)) and len(repr(value)) < 60:
+            message += f" (got {value!r})"
+        problems.append((path, message))
+    return problems
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The spec class found at a field path, to list its allowed fields."""
+    model: Any = JobSpec
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _first_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _first_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_spec(text: str, source: str = "spec") -> JobSpec:
+    """Parse JSON text into a JobSpec, raising SpecError with every problem."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError([(f"line {exc.lineno} column {exc.colno}", f"malformed JSON: {exc.msg}")], source) from None
+    if not isinstance(raw, dict):
+        raise SpecError([("(spec)", "must be a JSON object")], source)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(problems_of(exc), source) from None
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a spec file; the name defaults to the file's stem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([("(file)", f"cannot read {path}: {exc.strerror}")], str(path)) from None
+    spec = parse_spec(text, str(path))
+    if "name" not in spec.model_fields_set:
+        spec = spec.model_copy(update={"name": _safe_name(path.stem)})
+    return spec
+
+
+def _safe_name(stem: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.") or "job"
+    return cleaned[:64]
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()

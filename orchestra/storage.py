@@ -1,0 +1,134 @@
+"""Shared storage: one folder per job, atomic records, atomic checkpoints.
+
+    <root>/<job_id>/job.json                 the record (write, fsync, rename)
+    <root>/<job_id>/checkpoints/epoch-0007/   one checkpoint (published by rename)
+    <root>/<job_id>/model/                    the model training ended with
+    <root>/<job_id>/tensorboard/{train,validation}/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from orchestra.record import JobRecord
+
+STORAGE_ENV = "ORCHESTRA_STORAGE"
+DEFAULT_STORAGE = "~/orchestra_storage"
+RECORD_FILE = "job.json"
+CHECKPOINT_STATE_FILE = "state.json"
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class StorageError(ValueError):
+    pass
+
+
+def storage_root(override: str | None = None, spec_storage: str | None = None) -> Path:
+    """--storage, else the spec's storage, else ORCHESTRA_STORAGE, else the default."""
+    raw = override or spec_storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if "://" in raw and not raw.startswith("file://"):
+        raise StorageError(f"storage '{raw}': only local or mounted shared paths are supported (file:// or a path)")
+    return Path(raw.removeprefix("file://")).expanduser().absolute()
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id) or ".." in job_id:
+        raise StorageError(
+            f"invalid job id '{job_id}': letters, digits, '_', '.', '-' only, "
+            "starting with a letter or digit"
+        )
+    return job_id
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_directory(staging: Path, final: Path) -> None:
+    """Make a fully written staging folder visible under its final name."""
+    for file in staging.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+class Storage:
+    """Job folders under one root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise StorageError(f"storage root {self.root} is not writable: {exc.strerror}") from None
+
+    def new_job_id(self, name: str) -> str:
+        return check_job_id(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / check_job_id(job_id)
+
+    def create_job_dir(self, job_id: str) -> Path:
+        path = self.job_dir(job_id)
+        path.mkdir(parents=True, exist_ok=False)
+        return path
+
+    def checkpoint_dir(self, job_id: str, epoch: int) -> Path:
+        return self.job_dir(job_id) / "checkpoints" / f"epoch-{epoch:04d}"
+
+    def model_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "model"
+
+    def tensorboard_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "tensorboard"
+
+    def write_record(self, record: JobRecord) -> None:
+        atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
+
+    def read_record(self, job_id: str) -> JobRecord:
+        path = self.job_dir(job_id) / RECORD_FILE
+        try:
+            return JobRecord.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise StorageError(f"no job '{job_id}' in {self.root}") from None
+
+    def records(self) -> list[JobRecord]:
+        """Every job in the storage, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.glob(f"*/{RECORD_FILE}"):
+            try:
+                found.append(JobRecord.model_validate_json(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return sorted(found, key=lambda r: r.created_at, reverse=True)
+
+    @staticmethod
+    def read_checkpoint_state(checkpoint: Path) -> dict:
+        return json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())

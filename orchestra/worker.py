@@ -1,0 +1,225 @@
+"""The loop each Ray Train worker runs: one replica of
+MultiWorkerMirroredStrategy, trained with Keras's `fit`, obeying the
+driver's decision at the end of every epoch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.keras"
+WEIGHTS_FILE = "model.weights.h5"
+
+
+def _configure_threads(cpus: float) -> None:
+    """One TensorFlow thread per CPU the worker holds: the default (one per
+    machine core, per worker) oversubscribes a small machine."""
+    from orchestra.keras_compat import tensorflow
+
+    tf = tensorflow()
+    threads = max(1, int(cpus))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def save_model(model, directory: Path, weights_only: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if weights_only:
+        model.save_weights(str(directory / WEIGHTS_FILE))
+    else:
+        model.save(str(directory / MODEL_FILE))
+
+
+def model_file(directory: str | Path) -> Path:
+    directory = Path(directory)
+    full = directory / MODEL_FILE
+    return full if full.is_file() else directory / WEIGHTS_FILE
+
+
+def collective_save(model, final: Path, rank: int, weights_only: bool, extra: dict[str, Any] | None = None) -> None:
+    """Every worker takes part in a save under MultiWorkerMirroredStrategy, or
+    the chief would wait in a collective forever: the chief writes to a
+    staging folder beside `final` and publishes it by rename, the others
+    write to scratch that is thrown away."""
+    import json
+
+    from orchestra.storage import publish_directory
+
+    if rank == 0:
+        staging = final.parent / f".staging-{final.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_model(model, staging, weights_only)
+        if extra is not None:
+            (staging / "state.json").write_text(json.dumps(extra))
+        publish_directory(staging, final)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="orchestra-scratch-"))
+        try:
+            save_model(model, scratch, weights_only)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker; `config` comes from dispatch."""
+    import ray
+    import ray.train
+
+    from orchestra import data as data_lib
+    from orchestra.keras_compat import keras, tensorflow
+    from orchestra.model import build_model
+    from orchestra.spec import JobSpec
+
+    spec = JobSpec.model_validate(config["spec"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    channel = config["channel"]
+
+    _configure_threads(spec.scaling.cpus_per_worker)
+    tf = tensorflow()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    start = ray.get(channel.start.remote(rank, os.getpid()))
+
+    npz = Path(config["npz_path"]) if config["npz_path"] else None
+    arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))
+    global_batch = spec.fit.batch_size
+    steps = spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(arrays.x_train), global_batch)
+    per_worker_batch = global_batch // world_size
+    eval_batch = (spec.fit.validation_batch_size or global_batch) // world_size or 1
+
+    with strategy.scope():
+        model = build_model(spec, arrays.input_shape)
+
+    initial_epoch = 0
+    if start["checkpoint"] is not None:
+        model.load_weights(str(model_file(start["checkpoint"]["path"])))
+        initial_epoch = start["checkpoint"]["epoch"]
+
+    train_data = strategy.distribute_datasets_from_function(
+        lambda _: data_lib.training_dataset(
+            arrays.x_train, arrays.y_train,
+            global_batch=global_batch, rank=rank, world_size=world_size,
+            shuffle=spec.fit.shuffle, seed=spec.seed, initial_epoch=initial_epoch,
+            class_weight=spec.fit.class_weight,
+            parallel_calls=spec.data_loader.processes, prefetch=spec.data_loader.prefetch,
+        )
+    )
+
+    def evaluation_data(x, y):
+        return strategy.distribute_datasets_from_function(
+            lambda _: data_lib.evaluation_dataset(
+                x, y, per_worker_batch=eval_batch, rank=rank, world_size=world_size
+            )
+        )
+
+    validation, validation_steps = None, None
+    if arrays.x_val is not None:
+        validation = evaluation_data(arrays.x_val, arrays.y_val)
+        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), eval_batch, world_size)
+        if spec.fit.validation_steps:
+            validation_steps = min(validation_steps, spec.fit.validation_steps)
+    bridge = ChannelCallback(
+        keras().callbacks.Callback, channel, start["attempt"], rank,
+        samples_per_epoch=steps * per_worker_batch,
+        log_batches=bool(spec.callbacks.tensorboard and spec.callbacks.tensorboard.update_freq == "batch"),
+    )
+    model.fit(
+        train_data,
+        epochs=spec.fit.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        validation_data=validation,
+        validation_freq=spec.fit.validation_freq,
+        validation_steps=validation_steps,
+        callbacks=[bridge.keras_callback],
+        verbose=spec.fit.verbose,
+    )
+    if bridge.stopped_by_driver_restart:
+        return
+
+    test_metrics = None
+    if arrays.x_test is not None:
+        results = model.evaluate(
+            evaluation_data(arrays.x_test, arrays.y_test),
+            steps=data_lib.evaluation_steps(len(arrays.x_test), eval_batch, world_size),
+            verbose=0,
+            return_dict=True,
+        )
+        test_metrics = {name: float(value) for name, value in results.items()}
+    model_dir = Path(config["model_dir"])
+    collective_save(model, model_dir, rank, weights_only=False)
+    if rank == 0:
+        ray.get(channel.finished.remote({"test_metrics": test_metrics, "model_path": str(model_dir)}))
+
+
+class ChannelCallback:
+    """Builds the Keras callback that reports each epoch to the driver and
+    carries out its decision (stop, snapshot best weights, checkpoint)."""
+
+    def __init__(self, base, channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool):
+        self.channel = channel
+        self.attempt = attempt
+        self.rank = rank
+        self.samples_per_epoch = samples_per_epoch
+        self.log_batches = log_batches
+        self.best_weights = None
+        self.stopped_by_driver_restart = False
+        self.keras_callback = self._make(base)
+
+    def _make(self, base):
+        bridge = self
+
+        class _Bridge(base):
+            def on_epoch_begin(self, epoch, logs=None):
+                self._started = time.perf_counter()
+                self._batch_losses = []
+
+            def on_train_batch_end(self, batch, logs=None):
+                if bridge.log_batches and logs and "loss" in logs:
+                    self._batch_losses.append(float(logs["loss"]))
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = {k: float(v) for k, v in (logs or {}).items()}
+                learning_rate = getattr(self.model.optimizer, "learning_rate", None)
+                if learning_rate is not None and not callable(learning_rate):
+                    logs["learning_rate"] = float(learning_rate.numpy())
+                payload = {
+                    "rank": bridge.rank,
+                    "epoch": epoch + 1,
+                    "logs": logs,
+                    "epoch_time": time.perf_counter() - self._started,
+                    "samples": bridge.samples_per_epoch,
+                    "batch_losses": self._batch_losses,
+                }
+                decision = ray_get(bridge.channel.report.remote(bridge.attempt, bridge.rank, epoch + 1, payload))
+                bridge.obey(self.model, decision)
+
+            def on_train_end(self, logs=None):
+                if bridge.best_weights is not None:
+                    self.model.set_weights(bridge.best_weights)
+
+        return _Bridge()
+
+    def obey(self, model, decision: dict[str, Any]) -> None:
+        if decision.get("snapshot_best_weights"):
+            self.best_weights = model.get_weights()
+        if decision.get("checkpoint_dir"):
+            final = Path(decision["checkpoint_dir"])
+            final.parent.mkdir(parents=True, exist_ok=True)
+            collective_save(model, final, self.rank, decision["save_weights_only"], decision["checkpoint_state"])
+            if self.rank == 0:
+                epoch = decision["checkpoint_state"]["epoch"]
+                ray_get(self.channel.checkpoint_saved.remote(epoch, str(final)))
+        if decision.get("stop"):
+            model.stop_training = True
+            self.stopped_by_driver_restart = decision.get("stale", False)
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
