@@ -156,6 +156,8 @@ def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
         if kind == "epoch":
             decision = coordinator.on_epoch(event["reports"])
             channel.decide.remote(event["attempt"], event["epoch"], dataclasses.asdict(decision))
+        elif kind == "started":
+            coordinator.on_worker_started(event["rank"], event["pid"])
         elif kind == "saved":
             coordinator.on_checkpoint_saved(event["epoch"], event["path"])
         elif kind == "restart":

@@ -20,10 +20,31 @@ class KerasVersionError(RuntimeError):
     pass
 
 
+def _import_quietly(name: str) -> ModuleType:
+    """Import a module with file descriptor 2 silenced: TensorFlow's C++
+    start-up lines (oneDNN, CUDA stubs) ignore TF_CPP_MIN_LOG_LEVEL. Python
+    errors still propagate as exceptions."""
+    import importlib
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        return importlib.import_module(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def keras() -> ModuleType:
     """Return tf-keras (Keras 2), failing clearly if only Keras 3 is there."""
+    _import_quietly("tensorflow")
     try:
-        import tf_keras
+        tf_keras = _import_quietly("tf_keras")
     except ImportError:
         raise KerasVersionError(
             "orchestra needs the tf-keras package (Keras 2) at TensorFlow's version: "
@@ -36,9 +57,8 @@ def keras() -> ModuleType:
 
 
 def tensorflow() -> ModuleType:
-    import tensorflow as tf
-
     keras()
+    tf = _import_quietly("tensorflow")
     if not tf.keras.__name__.startswith("tf_keras"):
         raise KerasVersionError(
             f"tf.keras resolves to {tf.keras.__name__} (Keras 3), not tf-keras: "

@@ -37,12 +37,17 @@ def layer_names() -> list[str]:
     )
 
 
-def optimizer_names() -> list[str]:
+def optimizer_classes() -> dict[str, type]:
+    """keras.optimizers' classes by lower-case name (`adam` → Adam)."""
     optimizers = keras().optimizers
-    return sorted(
-        name.lower() for name in dir(optimizers)
+    return {
+        name.lower(): getattr(optimizers, name) for name in dir(optimizers)
         if inspect.isclass(getattr(optimizers, name)) and name != "Optimizer"
-    )
+    }
+
+
+def optimizer_names() -> list[str]:
+    return sorted(optimizer_classes())
 
 
 def loss_names() -> list[str]:
@@ -98,7 +103,7 @@ def make_optimizer(spec: OptimizerSpec):
     config: dict[str, Any] = {
         key: value for key, value in spec.model_dump().items() if key != "type" and value is not None
     }
-    return keras().optimizers.get({"class_name": spec.type.lower(), "config": config})
+    return optimizer_classes()[spec.type.lower()](**config)
 
 
 def build_model(spec: JobSpec, input_shape: tuple[int, ...]):

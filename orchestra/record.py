@@ -77,6 +77,7 @@ class JobRecord(BaseModel):
     tensorboard_logdir: str | None = None
     test_metrics: dict[str, float] | None = None
     restarts: int = 0
+    worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
 
     def transition(self, new: JobState, reason: str | None = None) -> None:

@@ -96,6 +96,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     initial_epoch = 0
     if start["checkpoint"] is not None:
+        with strategy.scope():
+            # Slots must exist for the checkpoint's optimizer state to load into them.
+            model.optimizer.build(model.trainable_variables)
         model.load_weights(str(model_file(start["checkpoint"]["path"])))
         initial_epoch = start["checkpoint"]["epoch"]
 

@@ -25,7 +25,6 @@ class Channel:
         self.world_size = world_size
         self.attempt = 0
         self.started: set[int] = set()
-        self.pids: dict[int, int] = {}
         self.latest_checkpoint: dict[str, Any] | None = None
         self.events: asyncio.Queue = asyncio.Queue()
         self.reports: dict[int, dict[int, Any]] = {}
@@ -42,7 +41,7 @@ class Channel:
                 "kind": "restart", "attempt": self.attempt, "checkpoint": self.latest_checkpoint,
             })
         self.started.add(rank)
-        self.pids[rank] = pid
+        await self.events.put({"kind": "started", "rank": rank, "pid": pid})
         return {"attempt": self.attempt, "checkpoint": self.latest_checkpoint}
 
     async def report(self, attempt: int, rank: int, epoch: int, payload: Any) -> Any:
@@ -81,6 +80,3 @@ class Channel:
             return await asyncio.wait_for(self.events.get(), timeout)
         except asyncio.TimeoutError:
             return None
-
-    def worker_pids(self) -> dict[int, int]:
-        return dict(self.pids)

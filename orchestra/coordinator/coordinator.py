@@ -40,6 +40,10 @@ class Coordinator:
         for callback in callbacks:
             callback.on_job_start(record.job_id)
 
+    def on_worker_started(self, rank: int, pid: int) -> None:
+        self.record.worker_pids = {**self.record.worker_pids, str(rank): pid}
+        self.storage.write_record(self.record)
+
     def on_epoch(self, reports: list[dict[str, Any]]) -> Decision:
         result = aggregate([WorkerReport(**report) for report in reports])
         decision = Decision()

@@ -1,0 +1,73 @@
+"""Shared fixtures. Integration tests start a real embedded Ray once per
+session and real TensorFlow workers under MultiWorkerMirroredStrategy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def datasets_dir() -> Path:
+    """ORCHESTRA_DATASETS (CI sets it), else ../shared/datasets beside the repo."""
+    return Path(os.environ.get("ORCHESTRA_DATASETS") or SHARED_DATASETS)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    directory = datasets_dir()
+    if not (directory / "mnist.npz").is_file():
+        pytest.fail(f"mnist.npz not found in {directory}: set ORCHESTRA_DATASETS")
+    return directory
+
+
+def small_spec(**overrides) -> dict:
+    """A small MNIST job: 2 workers, a few dozen steps per epoch."""
+    spec = {
+        "name": "small",
+        "seed": 1,
+        "data": {
+            "source": "mnist", "rescale": "1/255", "flatten": True, "labels": "one_hot",
+            "train_size": 400, "validation_size": 200, "test_size": 500, "seed": 7,
+        },
+        "model": {"layers": [
+            {"type": "Dense", "units": 32, "activation": "relu"},
+            {"type": "Dense", "units": 10, "activation": "softmax"},
+        ]},
+        "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
+                    "loss": "categorical_crossentropy", "metrics": ["accuracy"]},
+        "fit": {"epochs": 30, "batch_size": 20},
+        "callbacks": {
+            "early_stopping": {"monitor": "val_loss", "patience": 2},
+            "checkpoint": {"monitor": "val_loss", "save_best_only": True, "keep": 2},
+            "tensorboard": {"update_freq": "epoch"},
+        },
+        "scaling": {"workers": 2},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

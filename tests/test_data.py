@@ -1,0 +1,87 @@
+"""Spec → arrays → per-worker pipelines: splits, sharding, evaluation sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestra import data
+from orchestra.spec import DataSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (103, 4, 4), dtype=np.uint8),
+             y_train=np.arange(103) % 3, x_test=rng.integers(0, 256, (11, 4, 4), dtype=np.uint8),
+             y_test=(np.arange(11) % 3).reshape(11, 1))
+    return path
+
+
+def prepare(path, **fields):
+    spec = DataSpec(source=str(path), **fields)
+    return data.prepare(spec, data.resolve_source(spec.source, path.parent), path.parent)
+
+
+def test_random_subsets_are_disjoint_and_seeded(tiny_npz):
+    a = prepare(tiny_npz, train_size=50, validation_size=20, rescale=1 / 255, flatten=True, labels="one_hot")
+    b = prepare(tiny_npz, train_size=50, validation_size=20, rescale=1 / 255, flatten=True, labels="one_hot")
+    assert a.x_train.shape == (50, 16) and a.x_val.shape == (20, 16)
+    assert a.y_train.shape == (50, 3) and a.y_test.shape == (11, 3)
+    assert np.array_equal(a.x_train, b.x_train)
+    assert a.x_train.max() <= 1.0
+    rows = {row.tobytes() for row in a.x_train}
+    assert not rows & {row.tobytes() for row in a.x_val}
+
+
+def test_fraction_split(tiny_npz):
+    arrays = prepare(tiny_npz, validation_split=0.2)
+    assert len(arrays.x_val) == 21 and len(arrays.x_train) == 82  # ceil, as scikit-learn's test_size
+
+
+def test_dataset_directory_comes_before_keras(tmp_path, tiny_npz):
+    (tmp_path / "mnist.npz").write_bytes(tiny_npz.read_bytes())
+    assert data.resolve_source("mnist", tmp_path) == (tmp_path / "mnist.npz").resolve()
+    assert data.resolve_source("mnist", tmp_path / "elsewhere") is None  # left to Keras's download
+    with pytest.raises(data.DataError, match="expected .*nosuch.npz"):
+        data.resolve_source("nosuch", tmp_path)
+
+
+def test_real_mnist_layout(mnist_dir):
+    arrays = prepare(mnist_dir / "mnist.npz", train_size=700, validation_size=300, flatten=True, rescale=1 / 255)
+    assert arrays.x_train.shape == (700, 784) and arrays.x_test.shape == (10000, 784)
+    assert np.bincount(arrays.y_test, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def batches(world_size, rank, x, epochs=2):
+    dataset = data.training_dataset(
+        x, np.zeros(len(x), np.int64), global_batch=12, rank=rank, world_size=world_size, shuffle=True,
+        seed=3, initial_epoch=0, class_weight=None, parallel_calls=2, prefetch=1,
+    )
+    steps = data.steps_per_epoch(len(x), 12)
+    return [xb.numpy().ravel().tolist() for xb, _ in dataset.take(steps * epochs)]
+
+
+def test_global_batches_do_not_depend_on_worker_count():
+    x = np.arange(50, dtype=np.float32).reshape(50, 1)
+    one = batches(1, 0, x)
+    two = [a + b for a, b in zip(batches(2, 0, x), batches(2, 1, x))]
+    three = [a + b + c for a, b, c in zip(batches(3, 0, x), batches(3, 1, x), batches(3, 2, x))]
+    assert one == two == three
+    assert len(one) == 8 and all(len(b) == 12 for b in one)
+    first_epoch = sum(one[:4], [])
+    assert len(set(first_epoch)) == 48              # no example twice in an epoch
+    assert one[:4] != one[4:]                        # reshuffled each epoch
+
+
+def test_evaluation_shares_cover_every_example_once():
+    for n, world, batch in [(300, 2, 5), (11, 2, 5), (101, 3, 7), (10, 2, 1)]:
+        x = np.arange(n, dtype=np.float32).reshape(n, 1)
+        steps = data.evaluation_steps(n, batch, world)
+        seen = []
+        for rank in range(world):
+            shares = list(data.evaluation_dataset(x, x, per_worker_batch=batch, rank=rank, world_size=world))
+            assert len(shares) == steps and all(len(xb) > 0 for xb, _ in shares)
+            seen += [v for xb, _ in shares for v in xb.numpy().ravel().tolist()]
+        assert sorted(seen) == list(range(n))

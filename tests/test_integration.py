@@ -1,0 +1,203 @@
+"""Real Ray, real TensorFlow: 2 workers under MultiWorkerMirroredStrategy on
+an MNIST subset, driven by the CLI and by the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import free_port, small_spec, write_spec
+from orchestra import data as data_lib
+from orchestra.keras_compat import keras
+from orchestra.spec import JobSpec
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "orchestra.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, mnist_dir):
+    """One early-stopping job submitted through the CLI, run to its end."""
+    root = tmp_path_factory.mktemp("cli")
+    spec_path = write_spec(root / "small.json", small_spec())
+    result = run_cli("submit", spec_path, "--storage", root / "storage", "--datasets", mnist_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.split()[1].rstrip(":")
+    status = run_cli("status", job_id, "--storage", root / "storage", "--json")
+    assert status.returncode == 0, status.stderr
+    record = json.loads((root / "storage" / job_id / "job.json").read_text())
+    return {"stdout": result.stdout, "status": json.loads(status.stdout), "record": record,
+            "storage": root / "storage", "job_id": job_id, "mnist_dir": mnist_dir}
+
+
+def keras_replay_early_stopping(history, **config):
+    """Keras's own EarlyStopping fed the job's history: (stop epoch, best epoch), from 1."""
+    k = keras()
+    model = k.Sequential([k.Input(shape=(1,)), k.layers.Dense(1)])
+    stopper = k.callbacks.EarlyStopping(**config)
+    stopper.set_model(model)
+    model.stop_training = False
+    stopper.on_train_begin()
+    for epoch, entry in enumerate(history):
+        stopper.on_epoch_end(epoch, entry)
+        if model.stop_training:
+            break
+    return stopper.stopped_epoch + 1, stopper.best_epoch + 1
+
+
+def test_job_stops_early_like_keras(finished_job):
+    status, record = finished_job["status"], finished_job["record"]
+    assert status["state"] == "SUCCEEDED"
+    assert "epoch 1/30  " in finished_job["stdout"]
+    history = record["history"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    stop, best = keras_replay_early_stopping(history, monitor="val_loss", patience=2)
+    assert status["stopped_epoch"] == stop == status["epochs_completed"] == len(history) < 30
+    assert status["best_epoch"] == best
+    assert status["monitor"] == "val_loss"
+    assert status["best_value"] == pytest.approx(history[best - 1]["val_loss"])
+    assert status["metrics"]["val_loss"] == history[-1]["val_loss"]
+    assert all(h["samples_per_second"] > 0 and h["epoch_time"] > 0 for h in history)
+
+
+def test_workers_train_as_one_job(finished_job):
+    """Both workers reported every epoch and have exited: none was left in a collective."""
+    pids = finished_job["record"]["worker_pids"]
+    assert sorted(pids) == ["0", "1"]
+    deadline = time.time() + 30
+    while any(psutil.pid_exists(int(p)) for p in pids.values()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(int(p)) for p in pids.values())
+    # 400 examples / global batch 20 = 20 steps: each worker took 10 examples a step.
+    first = finished_job["record"]["history"][0]
+    assert first["samples_per_second"] == pytest.approx(400 / first["epoch_time"], rel=1e-6)
+
+
+def validation_arrays(record, mnist_dir):
+    spec = JobSpec.model_validate(record["spec"])
+    return data_lib.prepare(spec.data, mnist_dir / "mnist.npz", mnist_dir)
+
+
+def test_best_checkpoint_is_the_argmin_of_val_loss_and_loads(finished_job):
+    from orchestra import load_model
+
+    record, storage = finished_job["record"], finished_job["storage"]
+    history = record["history"]
+    argmin = int(np.argmin([h["val_loss"] for h in history])) + 1
+    assert record["best_checkpoint"].endswith(f"epoch-{argmin:04d}")
+    kept = sorted(p.name for p in (storage / finished_job["job_id"] / "checkpoints").iterdir())
+    assert f"epoch-{argmin:04d}" in kept and len(kept) <= 2 + 1
+    assert not [p for p in kept if p.startswith(".staging")]
+
+    arrays = validation_arrays(record, finished_job["mnist_dir"])
+    best = load_model(finished_job["job_id"], storage=str(storage), checkpoint="best")
+    val = best.evaluate(arrays.x_val, arrays.y_val, verbose=0, return_dict=True)
+    assert val["loss"] == pytest.approx(history[argmin - 1]["val_loss"], rel=1e-5)
+    assert val["accuracy"] == pytest.approx(history[argmin - 1]["val_accuracy"], abs=1e-6)
+
+    final = load_model(finished_job["job_id"], storage=str(storage))
+    test = final.evaluate(arrays.x_test, arrays.y_test, verbose=0, return_dict=True)
+    assert len(arrays.x_test) == 500
+    assert test["loss"] == pytest.approx(record["test_metrics"]["loss"], rel=1e-5)
+    assert test["accuracy"] == pytest.approx(record["test_metrics"]["accuracy"], abs=1e-6)
+
+
+def get_json(url, timeout=60):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_tensorboard_serves_one_point_per_epoch_with_the_recorded_values(finished_job):
+    logdir = finished_job["status"]["tensorboard_logdir"]
+    port = free_port()
+    board = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/data"
+        deadline = time.time() + 60
+        while True:
+            tags = get_json(f"{base}/plugin/scalars/tags")
+            if {"train", "validation"} <= set(tags) or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_time_seconds"} <= set(tags["train"])
+        assert {"epoch_loss", "epoch_accuracy"} <= set(tags["validation"])
+        history = finished_job["record"]["history"]
+        for run, tag, key in [("train", "epoch_loss", "loss"), ("train", "epoch_accuracy", "accuracy"),
+                              ("validation", "epoch_loss", "val_loss"),
+                              ("validation", "epoch_accuracy", "val_accuracy")]:
+            series = get_json(f"{base}/plugin/scalars/scalars?run={run}&tag={tag}")
+            assert [step for _, step, _ in series] == [h["epoch"] for h in history]
+            assert [value for _, _, value in series] == pytest.approx([h[key] for h in history], rel=1e-6)
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
+
+
+def test_list_shows_the_job(finished_job):
+    result = run_cli("list", "--storage", finished_job["storage"], "--json")
+    listed = json.loads(result.stdout)
+    assert [s["job_id"] for s in listed] == [finished_job["job_id"]]
+    assert listed[0] == finished_job["status"]
+
+
+def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
+    """max_failures=1: kill -9 one worker mid-run; Ray Train restarts the group,
+    training resumes from the latest checkpoint, and early stopping carries on
+    with its best value and wait count as if nothing happened."""
+    from orchestra.dispatch import create_job, run_job
+    from orchestra.preflight import preflight
+
+    spec = JobSpec.model_validate(small_spec(**{
+        "data.train_size": 2000,
+        "callbacks.early_stopping": {"monitor": "loss", "mode": "max", "patience": 4},
+        "callbacks.checkpoint": {"monitor": "loss", "mode": "max", "keep": 1},
+        "scaling.max_failures": 1,
+    }))
+    prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(mnist_dir))
+    record = create_job(prepared)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(record=run_job(prepared, record)))
+    runner.start()
+    storage = prepared.storage
+    deadline = time.time() + 300
+    while storage.read_record(record.job_id).epochs_completed < 2:
+        assert time.time() < deadline and runner.is_alive()
+        time.sleep(0.1)
+    victim = storage.read_record(record.job_id).worker_pids["1"]
+    os.kill(victim, signal.SIGKILL)
+    runner.join(timeout=600)
+    final = outcome["record"]
+    assert final.state.value == "SUCCEEDED", final.reason
+    assert final.restarts == 1
+    assert final.worker_pids["1"] != victim
+    # Epoch 1 has the highest training loss: with patience 4 a run that never
+    # failed stops at epoch 5. A reset early-stopping state would stop later.
+    assert [h["epoch"] for h in final.history] == [1, 2, 3, 4, 5]
+    assert (final.stopped_epoch, final.best_epoch) == (5, 1)
+    stop, best = keras_replay_early_stopping(final.history, monitor="loss", mode="max", patience=4)
+    assert (stop, best) == (5, 1)

@@ -1,0 +1,148 @@
+"""The job spec: every job in jobs/ is valid, and bad input is rejected with
+the field's path and what is allowed, before anything starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, small_spec, write_spec
+from orchestra.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
+
+
+def problems(spec: dict) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(json.dumps(spec))
+    return dict(info.value.problems)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.json")), ids=lambda p: p.name)
+def test_every_job_in_jobs_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert spec.comment
+
+
+def test_mnist_overfit_is_seed_002():
+    spec = load_spec(ROOT / "jobs" / "mnist_overfit.json")
+    assert (spec.data.train_size, spec.data.validation_size) == (700, 300)
+    assert [layer.type for layer in spec.model.layers] == ["Dense", "Dense"]
+    assert spec.model.layers[0].arguments == {"units": 2, "activation": "relu"}
+    assert spec.compile.optimizer == "sgd" and spec.compile.loss == "categorical_crossentropy"
+    assert spec.data.labels == "one_hot"
+    assert (spec.fit.batch_size, spec.fit.epochs) == (10, 3000)
+    assert spec.callbacks.early_stopping.patience == 30
+    assert spec.scaling.workers == 2
+
+
+def test_defaults_and_fraction():
+    spec = JobSpec.model_validate(small_spec(**{"data.rescale": "1/255"}))
+    assert spec.data.rescale == pytest.approx(1 / 255)
+    assert spec.scaling.workers == 2
+    assert spec.callbacks.tensorboard.update_freq == "epoch"
+    assert spec.logged_metrics == ["loss", "accuracy", "val_loss", "val_accuracy"]
+
+
+def test_malformed_json():
+    with pytest.raises(SpecError) as info:
+        parse_spec('{"data": ')
+    assert "malformed JSON" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,path,expected", [
+    ({"data.bogus": 1}, "data.bogus", "unknown field; allowed: source, rescale"),
+    ({"fit.epochs": "many"}, "fit.epochs", "valid integer"),
+    ({"callbacks.early_stopping.patience": -1}, "callbacks.early_stopping.patience", "greater than or equal to 0"),
+    ({"callbacks.early_stopping.mode": "up"}, "callbacks.early_stopping.mode", "'auto', 'min' or 'max'"),
+    ({"data.validation_size": None, "data.validation_split": 1.5}, "data.validation_split", "less than 1"),
+    ({"data.validation_size": None, "data.validation_split": 0}, "data.validation_split", "greater than 0"),
+    ({"data.rescale": "1/0"}, "data.rescale", "not a number"),
+    ({"fit.batch_size": 21}, "fit.batch_size", "multiple of scaling.workers 2"),
+    ({"data.labels": "sparse"}, "data.labels", "expects one-hot labels"),
+    ({"callbacks.checkpoint.monitor": "val_acc"}, "callbacks.checkpoint.monitor",
+     "allowed: loss, accuracy, val_loss, val_accuracy"),
+    ({"scaling.workers": 0}, "scaling.workers", "greater than or equal to 1"),
+    ({"name": "../escape"}, "name", "should match pattern"),
+])
+def test_bad_field_is_named_with_what_is_allowed(overrides, path, expected):
+    found = problems(small_spec(**overrides))
+    assert path in found, found
+    assert expected in found[path]
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(small_spec(**{"fit.batch_size": 21, "data.labels": "sparse"}))
+    assert {"fit.batch_size", "data.labels"} <= set(found)
+
+
+def test_schema_comes_from_the_model():
+    schema = json_schema()
+    assert set(schema["properties"]) >= {"data", "model", "compile", "fit", "callbacks", "scaling",
+                                         "data_loader", "storage"}
+    assert schema["$defs"]["EarlyStoppingSpec"]["properties"]["mode"]["enum"] == ["auto", "min", "max"]
+    assert schema["$defs"]["EarlyStoppingSpec"]["additionalProperties"] is False
+
+
+def orchestra_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "orchestra.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"model.layers": [{"type": "Dens", "units": 3}]}, "model.layers.0.type: unknown layer 'Dens'; did you mean 'Dense'?"),
+    ({"compile.optimizer": "adamm"}, "compile.optimizer: unknown optimizer 'adamm'; did you mean 'adam'"),
+    ({"compile.loss": "categorical_crossentropyy"}, "compile.loss: unknown loss"),
+    ({"compile.metrics": ["acuracy"]}, "compile.metrics.0: unknown metric 'acuracy'; did you mean 'accuracy'"),
+    ({"model.layers": [{"type": "Dense", "unit": 3}]}, "model.layers.0: Dense:"),
+    ({"data.source": "nosuch"}, "data.source: 'nosuch' is neither an .npz path nor a dataset in"),
+    ({"scaling.workers": 64}, "scaling.workers: 64 workers x 1 CPU need 64 CPUs"),
+])
+def test_cli_rejects_before_any_worker_starts(tmp_path, mnist_dir, overrides, expected):
+    storage = tmp_path / "storage"
+    spec = small_spec(**overrides)
+    if "scaling.workers" in overrides:
+        spec["fit"]["batch_size"] = 64
+    result = orchestra_cli("submit", write_spec(tmp_path / "bad.json", spec), "--storage", storage,
+                           "--datasets", mnist_dir)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not storage.exists() or not any(storage.iterdir()), "a job folder was left behind"
+
+
+def test_missing_keras_dataset_names_the_folder(tmp_path):
+    spec = small_spec(**{"data.source": "fashion_mnist"})
+    env = {**__import__("os").environ, "KERAS_HOME": str(tmp_path / "keras")}
+    result = orchestra_cli("validate", write_spec(tmp_path / "f.json", spec), "--datasets", tmp_path / "empty",
+                           "--storage", tmp_path / "s", env=env)
+    assert result.returncode == 2
+    assert f"put fashion_mnist.npz in Keras's array layout into {tmp_path / 'empty'}" in result.stderr
+
+
+def test_cli_rejects_unwritable_storage(tmp_path, mnist_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = orchestra_cli("submit", write_spec(tmp_path / "s.json", small_spec()), "--storage", blocker / "sub",
+                           "--datasets", mnist_dir)
+    assert result.returncode == 2
+    assert f"storage: storage root {blocker / 'sub'} is not writable" in result.stderr
+
+
+def test_cli_rejects_malformed_json_and_bad_worker_override(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    result = orchestra_cli("validate", bad)
+    assert result.returncode == 2 and "malformed JSON" in result.stderr
+    result = orchestra_cli("validate", write_spec(tmp_path / "ok.json", small_spec()), "--workers", "3")
+    assert result.returncode == 2
+    assert "fit.batch_size: 20 must be a multiple of scaling.workers 3" in result.stderr
+
+
+def test_cli_schema_prints_json_schema():
+    result = orchestra_cli("schema")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["title"] == "JobSpec"
