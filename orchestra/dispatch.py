@@ -99,6 +99,7 @@ def run_job(
             "npz_path": str(prepared.npz_path) if prepared.npz_path else None,
             "datasets_dir": str(prepared.datasets_dir),
             "model_dir": str(storage.model_dir(record.job_id)),
+            "tensorboard_dir": str(storage.tensorboard_dir(record.job_id)),
         },
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.workers,

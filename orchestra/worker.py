@@ -125,10 +125,13 @@ def train_loop(config: dict[str, Any]) -> None:
         validation_steps = data_lib.evaluation_steps(len(arrays.x_val), eval_batch, world_size)
         if spec.fit.validation_steps:
             validation_steps = min(validation_steps, spec.fit.validation_steps)
+    board = spec.callbacks.tensorboard
     bridge = ChannelCallback(
         keras().callbacks.Callback, channel, start["attempt"], rank,
         samples_per_epoch=steps * per_worker_batch,
-        log_batches=bool(spec.callbacks.tensorboard and spec.callbacks.tensorboard.update_freq == "batch"),
+        log_batches=bool(board and board.update_freq == "batch"),
+        histograms=WeightHistograms(Path(config["tensorboard_dir"]) / "train", board.histogram_freq)
+        if board and board.histogram_freq and rank == 0 else None,
     )
     model.fit(
         train_data,
@@ -163,8 +166,10 @@ class ChannelCallback:
     """Builds the Keras callback that reports each epoch to the driver and
     carries out its decision (stop, snapshot best weights, checkpoint)."""
 
-    def __init__(self, base, channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool):
+    def __init__(self, base, channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool,
+                 histograms: WeightHistograms | None = None):
         self.channel = channel
+        self.histograms = histograms
         self.attempt = attempt
         self.rank = rank
         self.samples_per_epoch = samples_per_epoch
@@ -200,6 +205,8 @@ class ChannelCallback:
                 }
                 decision = ray_get(bridge.channel.report.remote(bridge.attempt, bridge.rank, epoch + 1, payload))
                 bridge.obey(self.model, decision)
+                if bridge.histograms is not None:
+                    bridge.histograms.write(self.model, epoch + 1)
 
             def on_train_end(self, logs=None):
                 if bridge.best_weights is not None:
@@ -220,6 +227,27 @@ class ChannelCallback:
         if decision.get("stop"):
             model.stop_training = True
             self.stopped_by_driver_restart = decision.get("stale", False)
+
+
+class WeightHistograms:
+    """Weight histograms every `every` epochs, written by the chief: the
+    weights live on the workers, so this one TensorBoard write happens there
+    (into the job's `train` run, beside the driver's scalars)."""
+
+    def __init__(self, logdir: Path, every: int):
+        from orchestra.keras_compat import tensorflow
+
+        self.tf = tensorflow()
+        self.every = every
+        self.writer = self.tf.summary.create_file_writer(str(logdir), filename_suffix=".histograms")
+
+    def write(self, model, epoch: int) -> None:
+        if epoch % self.every:
+            return
+        with self.writer.as_default():
+            for weight in model.weights:
+                self.tf.summary.histogram(weight.name.replace(":", "_"), weight.numpy(), step=epoch)
+        self.writer.flush()
 
 
 def ray_get(ref):

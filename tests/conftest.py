@@ -49,7 +49,7 @@ def small_spec(**overrides) -> dict:
         "callbacks": {
             "early_stopping": {"monitor": "val_loss", "patience": 2},
             "checkpoint": {"monitor": "val_loss", "save_best_only": True, "keep": 2},
-            "tensorboard": {"update_freq": "epoch"},
+            "tensorboard": {"update_freq": "epoch", "histogram_freq": 2},
         },
         "scaling": {"workers": 2},
     }

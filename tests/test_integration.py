@@ -153,9 +153,31 @@ def test_tensorboard_serves_one_point_per_epoch_with_the_recorded_values(finishe
             series = get_json(f"{base}/plugin/scalars/scalars?run={run}&tag={tag}")
             assert [step for _, step, _ in series] == [h["epoch"] for h in history]
             assert [value for _, _, value in series] == pytest.approx([h[key] for h in history], rel=1e-6)
+        histograms = get_json(f"{base}/plugin/histograms/tags")["train"]
+        kernel = next(tag for tag in histograms if "kernel" in tag)
+        steps = [step for _, step, _ in get_json(f"{base}/plugin/histograms/histograms?run=train&tag={kernel}")]
+        assert steps == [e for e in range(1, len(history) + 1) if e % 2 == 0]  # histogram_freq 2
     finally:
         board.terminate()
         board.wait(timeout=30)
+
+
+def test_worker_error_fails_the_job_with_its_reason(tmp_path, mnist_dir):
+    """A worker that raises ends the job FAILED with the worker's error, and
+    the driver does not hang."""
+    from orchestra.dispatch import create_job, run_job
+    from orchestra.preflight import preflight
+
+    doomed = tmp_path / "doomed.npz"
+    doomed.write_bytes((mnist_dir / "mnist.npz").read_bytes())
+    spec = JobSpec.model_validate(small_spec(**{"data.source": str(doomed)}))
+    prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(mnist_dir))
+    record = create_job(prepared)
+    doomed.unlink()  # after the checks, before the workers read it
+    final = run_job(prepared, record)
+    assert final.state.value == "FAILED"
+    assert "No such file or directory" in final.reason and "doomed.npz" in final.reason
+    assert prepared.storage.read_record(record.job_id).state.value == "FAILED"
 
 
 def test_list_shows_the_job(finished_job):
