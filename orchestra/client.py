@@ -96,6 +96,6 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
     if path.name.endswith(".keras"):
         return keras().models.load_model(str(path))
     spec = JobSpec.model_validate(record.spec)
-    model = build_model(spec, tuple(spec.model.input_shape or ()))
+    model = build_model(spec, tuple(record.input_shape))
     model.load_weights(str(path))
     return model

@@ -21,8 +21,10 @@ from orchestra.spec import CheckpointSpec, JobSpec
 POLL_SECONDS = 0.5
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join the Ray at `address`, or start an embedded local one."""
+def ensure_ray(address: str | None = None, show_worker_output: bool = False) -> None:
+    """Join the Ray at `address`, or start an embedded local one. Workers'
+    output (Keras's progress with `fit.verbose`) reaches this terminal only
+    when asked for."""
     import ray
 
     if ray.is_initialized():
@@ -31,9 +33,9 @@ def ensure_ray(address: str | None = None) -> None:
     # Worker prints are otherwise routed through logging and shown twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=show_worker_output)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(include_dashboard=False, log_to_driver=show_worker_output, configure_logging=False)
 
 
 def make_callbacks(spec: JobSpec, prepared: Prepared, job_id: str) -> list[CoordinatorCallback]:
@@ -64,6 +66,7 @@ def create_job(prepared: Prepared) -> JobRecord:
         workers=spec.scaling.workers,
         spec=spec.model_dump(mode="json"),
         examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
+        input_shape=list(prepared.input_shape),
     )
     prepared.storage.write_record(record)
     return record
@@ -84,7 +87,7 @@ def run_job(
     from orchestra.worker import train_loop
 
     spec, storage = prepared.spec, prepared.storage
-    ensure_ray()
+    ensure_ray(show_worker_output=spec.fit.verbose > 0)
     channel = Channel.remote(spec.scaling.workers)
     on_channel(channel)
     coordinator = Coordinator(

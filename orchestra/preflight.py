@@ -24,6 +24,7 @@ class Prepared:
     npz_path: Path | None
     datasets_dir: Path
     examples_dropped_per_epoch: int
+    input_shape: tuple[int, ...]
 
 
 def preflight(
@@ -59,10 +60,12 @@ def preflight(
     directory = data_lib.datasets_dir(datasets)
     npz_path = None
     dropped = 0
+    input_shape: tuple[int, ...] = ()
     try:
         npz_path = data_lib.resolve_source(spec.data.source, directory)
         arrays = data_lib.prepare(spec.data, npz_path, directory)
         dropped = len(arrays.x_train) % spec.fit.batch_size
+        input_shape = tuple(spec.model.input_shape or arrays.input_shape)
         if not problems:
             build_model(spec, arrays.input_shape)
     except data_lib.DataError as exc:
@@ -72,4 +75,4 @@ def preflight(
 
     if problems:
         raise SpecError(problems, source)
-    return Prepared(spec, root, npz_path, directory, dropped)
+    return Prepared(spec, root, npz_path, directory, dropped, input_shape)

@@ -65,6 +65,7 @@ class JobRecord(BaseModel):
     ended_at: float | None = None
     workers: int
     spec: dict[str, Any]
+    input_shape: list[int] = Field(default_factory=list, description="Shape of one example, as the model sees it.")
     epochs_completed: int = 0
     stopped_epoch: int | None = None
     monitor: str | None = None

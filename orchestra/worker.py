@@ -13,6 +13,7 @@ from typing import Any
 
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"
+TEST_BATCH = 1024
 
 
 def _configure_threads(cpus: float) -> None:
@@ -89,7 +90,10 @@ def train_loop(config: dict[str, Any]) -> None:
     global_batch = spec.fit.batch_size
     steps = spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(arrays.x_train), global_batch)
     per_worker_batch = global_batch // world_size
-    eval_batch = (spec.fit.validation_batch_size or global_batch) // world_size or 1
+    validation_batch = (spec.fit.validation_batch_size or global_batch) // world_size or 1
+    # The final evaluation's metrics do not depend on its batch size, but its
+    # time does: every step pays a collective, so it takes large batches.
+    test_batch = max(validation_batch, TEST_BATCH // world_size)
 
     with strategy.scope():
         model = build_model(spec, arrays.input_shape)
@@ -112,17 +116,17 @@ def train_loop(config: dict[str, Any]) -> None:
         )
     )
 
-    def evaluation_data(x, y):
+    def evaluation_data(x, y, per_worker_batch):
         return strategy.distribute_datasets_from_function(
             lambda _: data_lib.evaluation_dataset(
-                x, y, per_worker_batch=eval_batch, rank=rank, world_size=world_size
+                x, y, per_worker_batch=per_worker_batch, rank=rank, world_size=world_size
             )
         )
 
     validation, validation_steps = None, None
     if arrays.x_val is not None:
-        validation = evaluation_data(arrays.x_val, arrays.y_val)
-        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), eval_batch, world_size)
+        validation = evaluation_data(arrays.x_val, arrays.y_val, validation_batch)
+        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), validation_batch, world_size)
         if spec.fit.validation_steps:
             validation_steps = min(validation_steps, spec.fit.validation_steps)
     board = spec.callbacks.tensorboard
@@ -150,8 +154,8 @@ def train_loop(config: dict[str, Any]) -> None:
     test_metrics = None
     if arrays.x_test is not None:
         results = model.evaluate(
-            evaluation_data(arrays.x_test, arrays.y_test),
-            steps=data_lib.evaluation_steps(len(arrays.x_test), eval_batch, world_size),
+            evaluation_data(arrays.x_test, arrays.y_test, test_batch),
+            steps=data_lib.evaluation_steps(len(arrays.x_test), test_batch, world_size),
             verbose=0,
             return_dict=True,
         )

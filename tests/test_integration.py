@@ -197,7 +197,7 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
     spec = JobSpec.model_validate(small_spec(**{
         "data.train_size": 2000,
         "callbacks.early_stopping": {"monitor": "loss", "mode": "max", "patience": 4},
-        "callbacks.checkpoint": {"monitor": "loss", "mode": "max", "keep": 1},
+        "callbacks.checkpoint": {"monitor": "loss", "mode": "max", "keep": 1, "save_weights_only": True},
         "scaling.max_failures": 1,
     }))
     prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(mnist_dir))
@@ -223,3 +223,8 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
     assert (final.stopped_epoch, final.best_epoch) == (5, 1)
     stop, best = keras_replay_early_stopping(final.history, monitor="loss", mode="max", patience=4)
     assert (stop, best) == (5, 1)
+    from orchestra import load_model
+
+    assert final.checkpoints[-1].path.endswith("epoch-0005")
+    latest = load_model(record.job_id, storage=str(storage.root), checkpoint="latest")  # weights only
+    assert latest.predict(np.zeros((1, 784), np.float32), verbose=0).shape == (1, 10)

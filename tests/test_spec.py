@@ -27,6 +27,21 @@ def test_every_job_in_jobs_is_valid(path):
     assert spec.comment
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.json")), ids=lambda p: p.name)
+def test_every_job_passes_preflight(tmp_path, mnist_dir, path):
+    """Keras names, layer arguments, shapes: with MNIST standing in for
+    datasets that are not on this machine (Fashion-MNIST has its shape)."""
+    from orchestra.preflight import preflight
+
+    spec = load_spec(path)
+    stand_in = tmp_path / "datasets"
+    stand_in.mkdir()
+    (stand_in / f"{spec.data.source}.npz").symlink_to(mnist_dir / "mnist.npz")
+    prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(stand_in))
+    assert prepared.input_shape in {(784,), (28, 28)}
+    assert not any((tmp_path / "storage").iterdir())
+
+
 def test_mnist_overfit_is_seed_002():
     spec = load_spec(ROOT / "jobs" / "mnist_overfit.json")
     assert (spec.data.train_size, spec.data.validation_size) == (700, 300)
