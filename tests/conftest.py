@@ -19,7 +19,7 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 def datasets_dir() -> Path:
     """ORCHESTRA_DATASETS (CI sets it), else ../shared/datasets beside the repo."""
-    return Path(os.environ.get("ORCHESTRA_DATASETS") or SHARED_DATASETS)
+    return Path(os.environ.get("ORCHESTRA_DATASETS") or SHARED_DATASETS).resolve()
 
 
 @pytest.fixture(scope="session")
