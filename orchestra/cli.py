@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(submit)
     submit.add_argument("--workers", type=int, help="override scaling.workers")
     submit.add_argument("--datasets", metavar="DIR", help="folder of <name>.npz datasets (default: ORCHESTRA_DATASETS)")
+    submit.add_argument("--in-process", action="store_true",
+                        help="reference run: plain Keras fit in this process, no Ray, no distribution strategy")
     submit.add_argument("--json", action="store_true", help="print the final status as JSON")
 
     validate = verbs.add_parser("validate", help="check a job spec without running it")
@@ -72,8 +74,12 @@ def _prepare(args: argparse.Namespace):
 
     if args.workers is not None and args.workers < 1:
         raise SpecError([("--workers", f"must be at least 1, not {args.workers}")], args.spec)
+    in_process = getattr(args, "in_process", False)
+    if in_process and args.workers is not None:
+        raise SpecError([("--workers", "does not go with --in-process, which trains in one process")], args.spec)
     spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
-    return preflight(spec, storage=args.storage, datasets=args.datasets, source=args.spec)
+    return preflight(spec, storage=args.storage, datasets=args.datasets, source=args.spec,
+                     check_cluster=not in_process)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -85,20 +91,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestra.dispatch import create_job, run_job
+    from orchestra.dispatch import create_job, run_in_process, run_job
 
     prepared = _prepare(args)
-    record = create_job(prepared)
+    record = create_job(prepared, in_process=args.in_process)
     epochs = prepared.spec.fit.epochs
-    print(f"job {record.job_id}: {prepared.spec.scaling.workers} workers, "
-          f"storage {prepared.storage.job_dir(record.job_id)}", flush=True)
+    where = "in this process (reference run)" if args.in_process else f"{record.workers} workers"
+    print(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}", flush=True)
 
     def progress(result) -> None:
         metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in result.metrics.items() if k != "learning_rate")
         print(f"epoch {result.epoch}/{epochs}  {metrics}  {result.epoch_time:.2f}s", flush=True)
 
     try:
-        record = run_job(prepared, record, progress=progress)
+        run = run_in_process if args.in_process else run_job
+        record = run(prepared, record, progress=progress)
     except KeyboardInterrupt:
         print(f"job {record.job_id}: stopped", file=sys.stderr)
         return EXIT_JOB_FAILED

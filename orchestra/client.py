@@ -26,6 +26,7 @@ class JobStatus(BaseModel):
     state: JobState
     reason: str | None
     workers: int
+    mode: str
     epochs_completed: int
     stopped_epoch: int | None
     best_epoch: int | None

@@ -55,7 +55,7 @@ def make_callbacks(spec: JobSpec, prepared: Prepared, job_id: str) -> list[Coord
     return callbacks
 
 
-def create_job(prepared: Prepared) -> JobRecord:
+def create_job(prepared: Prepared, in_process: bool = False) -> JobRecord:
     """The job's folder and PENDING record: the first thing written."""
     spec = prepared.spec
     job_id = prepared.storage.new_job_id(spec.name)
@@ -63,12 +63,62 @@ def create_job(prepared: Prepared) -> JobRecord:
     record = JobRecord(
         job_id=job_id,
         name=spec.name,
-        workers=spec.scaling.workers,
+        workers=1 if in_process else spec.scaling.workers,
+        mode="in_process" if in_process else "ray",
         spec=spec.model_dump(mode="json"),
         examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
         input_shape=list(prepared.input_shape),
     )
     prepared.storage.write_record(record)
+    return record
+
+
+def _coordinator(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> Coordinator:
+    return Coordinator(
+        record, prepared.storage, make_callbacks(prepared.spec, prepared, record.job_id), progress,
+        fallback_monitor="val_loss" if prepared.spec.data.has_validation else "loss",
+    )
+
+
+def _worker_config(prepared: Prepared, record: JobRecord) -> dict[str, Any]:
+    storage = prepared.storage
+    return {
+        "spec": prepared.spec.model_dump(mode="json"),
+        "npz_path": str(prepared.npz_path) if prepared.npz_path else None,
+        "datasets_dir": str(prepared.datasets_dir),
+        "model_dir": str(storage.model_dir(record.job_id)),
+        "tensorboard_dir": str(storage.tensorboard_dir(record.job_id)),
+    }
+
+
+def run_in_process(
+    prepared: Prepared,
+    record: JobRecord,
+    progress: Callable[[EpochResult], None] = lambda result: None,
+) -> JobRecord:
+    """The reference run: the same spec trained in this process by plain
+    Keras `fit`, no Ray, no distribution strategy, the same driver-side
+    callbacks, the same records, checkpoints and TensorBoard runs."""
+    from orchestra.coordinator.channel import LocalChannel
+    from orchestra.keras_compat import tensorflow
+    from orchestra.worker import train
+
+    storage = prepared.storage
+    coordinator = _coordinator(prepared, record, progress)
+    record.transition(JobState.RUNNING)
+    storage.write_record(record)
+    try:
+        train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
+              LocalChannel(coordinator))
+    except KeyboardInterrupt:
+        record.transition(JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
+        storage.write_record(record)
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported on the record
+        record.transition(JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])
+    else:
+        record.transition(JobState.SUCCEEDED)
+    storage.write_record(record)
     return record
 
 
@@ -90,20 +140,10 @@ def run_job(
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
     channel = Channel.remote(spec.scaling.workers)
     on_channel(channel)
-    coordinator = Coordinator(
-        record, storage, make_callbacks(spec, prepared, record.job_id), progress,
-        fallback_monitor="val_loss" if spec.data.has_validation else "loss",
-    )
+    coordinator = _coordinator(prepared, record, progress)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "channel": channel,
-            "npz_path": str(prepared.npz_path) if prepared.npz_path else None,
-            "datasets_dir": str(prepared.datasets_dir),
-            "model_dir": str(storage.model_dir(record.job_id)),
-            "tensorboard_dir": str(storage.tensorboard_dir(record.job_id)),
-        },
+        train_loop_config={**_worker_config(prepared, record), "channel": channel},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.workers,
             use_gpu=spec.scaling.use_gpu,

@@ -33,6 +33,7 @@ def preflight(
     storage: str | None = None,
     datasets: str | None = None,
     available_cpus: float | None = None,
+    check_cluster: bool = True,
     source: str = "spec",
 ) -> Prepared:
     """Raise SpecError listing every problem, or return what dispatch needs."""
@@ -49,7 +50,7 @@ def preflight(
 
     needed = spec.scaling.workers * spec.scaling.cpus_per_worker
     capacity = available_cpus if available_cpus is not None else float(os.cpu_count() or 1)
-    if needed > capacity:
+    if check_cluster and needed > capacity:
         problems.append((
             "scaling.workers",
             f"{spec.scaling.workers} workers x {spec.scaling.cpus_per_worker:g} CPU need {needed:g} CPUs "

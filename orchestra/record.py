@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,9 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     ended_at: float | None = None
     workers: int
+    mode: Literal["ray", "in_process"] = Field(
+        default="ray", description="Ray Train workers, or the in-process reference run."
+    )
     spec: dict[str, Any]
     input_shape: list[int] = Field(default_factory=list, description="Shape of one example, as the model sees it.")
     epochs_completed: int = 0
@@ -100,6 +103,7 @@ class JobRecord(BaseModel):
             "state": self.state.value,
             "reason": self.reason,
             "workers": self.workers,
+            "mode": self.mode,
             "epochs_completed": self.epochs_completed,
             "stopped_epoch": self.stopped_epoch,
             "best_epoch": self.best_epoch,

@@ -65,26 +65,50 @@ def collective_save(model, final: Path, rank: int, weights_only: bool, extra: di
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+class RayChannel:
+    """The worker's side of the channel actor: plain blocking calls."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def start(self, rank: int, pid: int) -> dict[str, Any]:
+        return ray_get(self.handle.start.remote(rank, pid))
+
+    def report(self, attempt: int, rank: int, epoch: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return ray_get(self.handle.report.remote(attempt, rank, epoch, payload))
+
+    def checkpoint_saved(self, epoch: int, path: str) -> None:
+        ray_get(self.handle.checkpoint_saved.remote(epoch, path))
+
+    def finished(self, payload: dict[str, Any]) -> None:
+        ray_get(self.handle.finished.remote(payload))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker; `config` comes from dispatch."""
-    import ray
     import ray.train
 
-    from orchestra import data as data_lib
-    from orchestra.keras_compat import keras, tensorflow
-    from orchestra.model import build_model
+    from orchestra.keras_compat import tensorflow
     from orchestra.spec import JobSpec
 
     spec = JobSpec.model_validate(config["spec"])
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    channel = config["channel"]
-
     _configure_threads(spec.scaling.cpus_per_worker)
-    tf = tensorflow()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    start = ray.get(channel.start.remote(rank, os.getpid()))
+    # Must exist before any other TensorFlow op runs in this process.
+    strategy = tensorflow().distribute.MultiWorkerMirroredStrategy()
+    train(config, context.get_world_rank(), context.get_world_size(), strategy, RayChannel(config["channel"]))
 
+
+def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel) -> None:
+    """Train one replica of the job with Keras's `fit`: under
+    MultiWorkerMirroredStrategy on a Ray worker, or under TensorFlow's
+    default strategy for the in-process reference run (rank 0 of 1)."""
+    from orchestra import data as data_lib
+    from orchestra.model import build_model
+    from orchestra.spec import JobSpec
+
+    spec = JobSpec.model_validate(config["spec"])
+    start = channel.start(rank, os.getpid())
     npz = Path(config["npz_path"]) if config["npz_path"] else None
     arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))
     global_batch = spec.fit.batch_size
@@ -130,8 +154,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if spec.fit.validation_steps:
             validation_steps = min(validation_steps, spec.fit.validation_steps)
     board = spec.callbacks.tensorboard
-    bridge = ChannelCallback(
-        keras().callbacks.Callback, channel, start["attempt"], rank,
+    bridge = channel_callback(
+        channel, start["attempt"], rank,
         samples_per_epoch=steps * per_worker_batch,
         log_batches=bool(board and board.update_freq == "batch"),
         histograms=WeightHistograms(Path(config["tensorboard_dir"]) / "train", board.histogram_freq)
@@ -145,10 +169,10 @@ def train_loop(config: dict[str, Any]) -> None:
         validation_data=validation,
         validation_freq=spec.fit.validation_freq,
         validation_steps=validation_steps,
-        callbacks=[bridge.keras_callback],
+        callbacks=[bridge],
         verbose=spec.fit.verbose,
     )
-    if bridge.stopped_by_driver_restart:
+    if bridge.superseded:
         return
 
     test_metrics = None
@@ -163,74 +187,62 @@ def train_loop(config: dict[str, Any]) -> None:
     model_dir = Path(config["model_dir"])
     collective_save(model, model_dir, rank, weights_only=False)
     if rank == 0:
-        ray.get(channel.finished.remote({"test_metrics": test_metrics, "model_path": str(model_dir)}))
+        channel.finished({"test_metrics": test_metrics, "model_path": str(model_dir)})
 
 
-class ChannelCallback:
-    """Builds the Keras callback that reports each epoch to the driver and
-    carries out its decision (stop, snapshot best weights, checkpoint)."""
+def channel_callback(channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool,
+                     histograms: WeightHistograms | None = None):
+    """The Keras callback that reports each epoch to the driver and carries
+    out its decision (stop, snapshot the best weights, checkpoint)."""
+    from orchestra.keras_compat import keras
 
-    def __init__(self, base, channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool,
-                 histograms: WeightHistograms | None = None):
-        self.channel = channel
-        self.histograms = histograms
-        self.attempt = attempt
-        self.rank = rank
-        self.samples_per_epoch = samples_per_epoch
-        self.log_batches = log_batches
-        self.best_weights = None
-        self.stopped_by_driver_restart = False
-        self.keras_callback = self._make(base)
+    class ChannelCallback(keras().callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best_weights = None
+            self.superseded = False  # a newer attempt of the worker group took over
 
-    def _make(self, base):
-        bridge = self
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+            self.batch_losses = []
 
-        class _Bridge(base):
-            def on_epoch_begin(self, epoch, logs=None):
-                self._started = time.perf_counter()
-                self._batch_losses = []
+        def on_train_batch_end(self, batch, logs=None):
+            if log_batches and logs and "loss" in logs:
+                self.batch_losses.append(float(logs["loss"]))
 
-            def on_train_batch_end(self, batch, logs=None):
-                if bridge.log_batches and logs and "loss" in logs:
-                    self._batch_losses.append(float(logs["loss"]))
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {key: float(value) for key, value in (logs or {}).items()}
+            learning_rate = getattr(self.model.optimizer, "learning_rate", None)
+            if learning_rate is not None and not callable(learning_rate):
+                logs["learning_rate"] = float(learning_rate.numpy())
+            payload = {
+                "rank": rank, "epoch": epoch + 1, "logs": logs,
+                "epoch_time": time.perf_counter() - self.started,
+                "samples": samples_per_epoch, "batch_losses": self.batch_losses,
+            }
+            self.obey(channel.report(attempt, rank, epoch + 1, payload))
+            if histograms is not None:
+                histograms.write(self.model, epoch + 1)
 
-            def on_epoch_end(self, epoch, logs=None):
-                logs = {k: float(v) for k, v in (logs or {}).items()}
-                learning_rate = getattr(self.model.optimizer, "learning_rate", None)
-                if learning_rate is not None and not callable(learning_rate):
-                    logs["learning_rate"] = float(learning_rate.numpy())
-                payload = {
-                    "rank": bridge.rank,
-                    "epoch": epoch + 1,
-                    "logs": logs,
-                    "epoch_time": time.perf_counter() - self._started,
-                    "samples": bridge.samples_per_epoch,
-                    "batch_losses": self._batch_losses,
-                }
-                decision = ray_get(bridge.channel.report.remote(bridge.attempt, bridge.rank, epoch + 1, payload))
-                bridge.obey(self.model, decision)
-                if bridge.histograms is not None:
-                    bridge.histograms.write(self.model, epoch + 1)
+        def obey(self, decision: dict[str, Any]) -> None:
+            if decision.get("snapshot_best_weights"):
+                self.best_weights = self.model.get_weights()
+            if decision.get("checkpoint_dir"):
+                final = Path(decision["checkpoint_dir"])
+                final.parent.mkdir(parents=True, exist_ok=True)
+                collective_save(self.model, final, rank, decision["save_weights_only"],
+                                decision["checkpoint_state"])
+                if rank == 0:
+                    channel.checkpoint_saved(decision["checkpoint_state"]["epoch"], str(final))
+            if decision.get("stop"):
+                self.model.stop_training = True
+                self.superseded = decision.get("stale", False)
 
-            def on_train_end(self, logs=None):
-                if bridge.best_weights is not None:
-                    self.model.set_weights(bridge.best_weights)
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None and not self.superseded:
+                self.model.set_weights(self.best_weights)
 
-        return _Bridge()
-
-    def obey(self, model, decision: dict[str, Any]) -> None:
-        if decision.get("snapshot_best_weights"):
-            self.best_weights = model.get_weights()
-        if decision.get("checkpoint_dir"):
-            final = Path(decision["checkpoint_dir"])
-            final.parent.mkdir(parents=True, exist_ok=True)
-            collective_save(model, final, self.rank, decision["save_weights_only"], decision["checkpoint_state"])
-            if self.rank == 0:
-                epoch = decision["checkpoint_state"]["epoch"]
-                ray_get(self.channel.checkpoint_saved.remote(epoch, str(final)))
-        if decision.get("stop"):
-            model.stop_training = True
-            self.stopped_by_driver_restart = decision.get("stale", False)
+    return ChannelCallback()
 
 
 class WeightHistograms:

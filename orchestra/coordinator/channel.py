@@ -14,6 +14,7 @@ tells the driver where training resumes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import ray
@@ -80,3 +81,24 @@ class Channel:
             return await asyncio.wait_for(self.events.get(), timeout)
         except asyncio.TimeoutError:
             return None
+
+
+class LocalChannel:
+    """The channel for the in-process reference run: one worker, the
+    coordinator in the same process, every call answered at once."""
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+
+    def start(self, rank: int, pid: int) -> dict[str, Any]:
+        self.coordinator.on_worker_started(rank, pid)
+        return {"attempt": 0, "checkpoint": None}
+
+    def report(self, attempt: int, rank: int, epoch: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return dataclasses.asdict(self.coordinator.on_epoch([payload]))
+
+    def checkpoint_saved(self, epoch: int, path: str) -> None:
+        self.coordinator.on_checkpoint_saved(epoch, path)
+
+    def finished(self, payload: dict[str, Any]) -> None:
+        self.coordinator.on_finished(payload)
