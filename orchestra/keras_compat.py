@@ -33,7 +33,10 @@ def _import_quietly(name: str) -> ModuleType:
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
+        if name == "tensorflow":
+            module.config.list_physical_devices()  # CUDA's probe prints here, once
+        return module
     finally:
         os.dup2(saved, 2)
         os.close(saved)
