@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(listing)
     listing.add_argument("--json", action="store_true")
 
+    board = verbs.add_parser("tensorboard", help="serve jobs' TensorBoard runs until interrupted")
+    board.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to show (default: every job in the storage)")
+    _storage_option(board)
+    board.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    board.add_argument("--port", type=int, default=6006, help="port (default 6006)")
+    board.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+                       help="how often TensorBoard reads new events (default 5)")
+
+    plot = verbs.add_parser("plot", help="draw loss and accuracy curves of jobs to a PNG")
+    plot.add_argument("jobs", nargs="+", metavar="JOB")
+    _storage_option(plot)
+    plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
+
     verbs.add_parser("schema", help="print the job spec's JSON Schema")
     return parser
 
@@ -139,6 +153,43 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import time
+
+    from orchestra.board import BoardError, is_loopback, job_logdirs, serve
+    from orchestra.storage import Storage, storage_root
+
+    if not 0 < args.port < 65536:
+        print(f"orchestra: --port must be between 1 and 65535, not {args.port}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        logdirs = job_logdirs(Storage(storage_root(args.storage)), args.jobs)
+        if not is_loopback(args.host):
+            print(f"warning: TensorBoard has no authentication; anyone who can reach {args.host}:{args.port} "
+                  "can read these runs", file=sys.stderr)
+        url = serve(logdirs, args.host, args.port, args.reload_interval)
+    except BoardError as exc:
+        print(f"orchestra: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"TensorBoard for {len(logdirs)} job(s) at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from orchestra.client import Client
+    from orchestra.plot import plot_jobs
+
+    client = Client(args.storage)
+    records = [client.storage.read_record(job_id) for job_id in args.jobs]
+    plot_jobs(records, args.output)
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=1))
     return EXIT_OK
@@ -169,6 +220,8 @@ VERBS = {
     "validate": cmd_validate,
     "status": cmd_status,
     "list": cmd_list,
+    "tensorboard": cmd_tensorboard,
+    "plot": cmd_plot,
     "schema": cmd_schema,
 }
 

@@ -51,8 +51,32 @@ def make_callbacks(spec: JobSpec, prepared: Prepared, job_id: str) -> list[Coord
     if checkpoint is not None:
         callbacks.append(Checkpoint(lambda epoch: storage.checkpoint_dir(job_id, epoch), **checkpoint.model_dump()))
     if spec.callbacks.tensorboard is not None:
-        callbacks.append(TensorBoard(storage.tensorboard_dir(job_id), spec.callbacks.tensorboard.update_freq))
+        callbacks.append(TensorBoard(
+            storage.tensorboard_dir(job_id), spec.callbacks.tensorboard.update_freq,
+            hparams=hyperparameters(spec), model_summary=prepared.model_summary,
+        ))
     return callbacks
+
+
+def hyperparameters(spec: JobSpec) -> dict[str, Any]:
+    """What runs are compared by on TensorBoard's HParams dashboard."""
+    optimizer = spec.compile.optimizer_spec
+    return {
+        "optimizer": optimizer.type,
+        "learning_rate": optimizer.learning_rate if optimizer.learning_rate is not None else "default",
+        "batch_size": spec.fit.batch_size,
+        "epochs": spec.fit.epochs,
+        "layers": " > ".join(_layer_label(layer.type, layer.arguments) for layer in spec.model.layers),
+        "workers": spec.scaling.workers,
+        "seed": spec.seed,
+        "loss": spec.compile.loss,
+    }
+
+
+def _layer_label(kind: str, arguments: dict[str, Any]) -> str:
+    """`Dense(100)`, `Dropout(0.3)`, `Flatten`: a layer by its main argument."""
+    main = next((arguments[k] for k in ("units", "rate", "filters", "pool_size") if k in arguments), None)
+    return kind if main is None else f"{kind}({main})"
 
 
 def create_job(prepared: Prepared, in_process: bool = False) -> JobRecord:

@@ -25,6 +25,7 @@ class Prepared:
     datasets_dir: Path
     examples_dropped_per_epoch: int
     input_shape: tuple[int, ...]
+    model_summary: str = ""
 
 
 def preflight(
@@ -62,13 +63,14 @@ def preflight(
     npz_path = None
     dropped = 0
     input_shape: tuple[int, ...] = ()
+    summary: list[str] = []
     try:
         npz_path = data_lib.resolve_source(spec.data.source, directory)
         arrays = data_lib.prepare(spec.data, npz_path, directory)
         dropped = len(arrays.x_train) % spec.fit.batch_size
         input_shape = tuple(spec.model.input_shape or arrays.input_shape)
         if not problems:
-            build_model(spec, arrays.input_shape)
+            build_model(spec, arrays.input_shape).summary(print_fn=summary.append)
     except data_lib.DataError as exc:
         problems.append((exc.field, str(exc)))
     except ModelError as exc:
@@ -76,4 +78,4 @@ def preflight(
 
     if problems:
         raise SpecError(problems, source)
-    return Prepared(spec, root, npz_path, directory, dropped, input_shape)
+    return Prepared(spec, root, npz_path, directory, dropped, input_shape, "\n".join(summary))

@@ -32,7 +32,10 @@ def save_model(model, directory: Path, weights_only: bool) -> None:
     if weights_only:
         model.save_weights(str(directory / WEIGHTS_FILE))
     else:
-        model.save(str(directory / MODEL_FILE))
+        # Named explicitly: tf-keras keeps "use the .keras format" in a
+        # thread-local, and in any thread but the first (Ray Train runs this
+        # loop in one) it silently writes HDF5 from the second save on.
+        model.save(str(directory / MODEL_FILE), save_format="keras_v3")
 
 
 def model_file(directory: str | Path) -> Path:

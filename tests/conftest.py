@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,26 @@ def small_spec(**overrides) -> dict:
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(json.dumps(spec))
     return path
+
+
+def run_cli(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", "orchestra.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def finished_job(tmp_path_factory, mnist_dir):
+    """One early-stopping job submitted through the CLI, run to its end."""
+    root = tmp_path_factory.mktemp("cli")
+    spec_path = write_spec(root / "small.json", small_spec())
+    result = run_cli("submit", spec_path, "--storage", root / "storage", "--datasets", mnist_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.split()[1].rstrip(":")
+    status = run_cli("status", job_id, "--storage", root / "storage", "--json")
+    assert status.returncode == 0, status.stderr
+    record = json.loads((root / "storage" / job_id / "job.json").read_text())
+    return {"stdout": result.stdout, "status": json.loads(status.stdout), "record": record,
+            "storage": root / "storage", "job_id": job_id, "mnist_dir": mnist_dir}
 
 
 def free_port() -> int:

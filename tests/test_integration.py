@@ -6,42 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import psutil
 import pytest
 
-from conftest import free_port, small_spec, write_spec
+from conftest import run_cli, small_spec
 from orchestra import data as data_lib
 from orchestra.keras_compat import keras
 from orchestra.spec import JobSpec
 
 pytestmark = pytest.mark.integration
-
-
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "orchestra.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, mnist_dir):
-    """One early-stopping job submitted through the CLI, run to its end."""
-    root = tmp_path_factory.mktemp("cli")
-    spec_path = write_spec(root / "small.json", small_spec())
-    result = run_cli("submit", spec_path, "--storage", root / "storage", "--datasets", mnist_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    job_id = result.stdout.split()[1].rstrip(":")
-    status = run_cli("status", job_id, "--storage", root / "storage", "--json")
-    assert status.returncode == 0, status.stderr
-    record = json.loads((root / "storage" / job_id / "job.json").read_text())
-    return {"stdout": result.stdout, "status": json.loads(status.stdout), "record": record,
-            "storage": root / "storage", "job_id": job_id, "mnist_dir": mnist_dir}
 
 
 def keras_replay_early_stopping(history, **config):
@@ -114,52 +91,6 @@ def test_best_checkpoint_is_the_argmin_of_val_loss_and_loads(finished_job):
     assert len(arrays.x_test) == 500
     assert test["loss"] == pytest.approx(record["test_metrics"]["loss"], rel=1e-5)
     assert test["accuracy"] == pytest.approx(record["test_metrics"]["accuracy"], abs=1e-6)
-
-
-def get_json(url, timeout=60):
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-def test_tensorboard_serves_one_point_per_epoch_with_the_recorded_values(finished_job):
-    logdir = finished_job["status"]["tensorboard_logdir"]
-    port = free_port()
-    board = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}/data"
-        deadline = time.time() + 60
-        while True:
-            tags = get_json(f"{base}/plugin/scalars/tags")
-            if {"train", "validation"} <= set(tags) or time.time() > deadline:
-                break
-            time.sleep(1)
-        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_time_seconds"} <= set(tags["train"])
-        assert {"epoch_loss", "epoch_accuracy"} <= set(tags["validation"])
-        history = finished_job["record"]["history"]
-        for run, tag, key in [("train", "epoch_loss", "loss"), ("train", "epoch_accuracy", "accuracy"),
-                              ("validation", "epoch_loss", "val_loss"),
-                              ("validation", "epoch_accuracy", "val_accuracy")]:
-            series = get_json(f"{base}/plugin/scalars/scalars?run={run}&tag={tag}")
-            assert [step for _, step, _ in series] == [h["epoch"] for h in history]
-            assert [value for _, _, value in series] == pytest.approx([h[key] for h in history], rel=1e-6)
-        histograms = get_json(f"{base}/plugin/histograms/tags")["train"]
-        kernel = next(tag for tag in histograms if "kernel" in tag)
-        steps = [step for _, step, _ in get_json(f"{base}/plugin/histograms/histograms?run=train&tag={kernel}")]
-        assert steps == [e for e in range(1, len(history) + 1) if e % 2 == 0]  # histogram_freq 2
-    finally:
-        board.terminate()
-        board.wait(timeout=30)
 
 
 def test_worker_error_fails_the_job_with_its_reason(tmp_path, mnist_dir):

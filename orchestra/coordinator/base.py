@@ -74,7 +74,7 @@ class CoordinatorCallback:
         pass
 
     def on_job_end(self, final: dict[str, Any]) -> None:
-        pass
+        """The job trained to its end; `final` is its status (as `orchestra status --json`)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -79,9 +79,9 @@ class Coordinator:
     def on_finished(self, final: dict[str, Any]) -> None:
         self.record.test_metrics = final.get("test_metrics")
         self.record.model_path = final.get("model_path")
-        for callback in self.callbacks:
-            callback.on_job_end(final)
         self._refresh_record()
+        for callback in self.callbacks:
+            callback.on_job_end(self.record.status())
 
     def state_dict(self) -> dict[str, Any]:
         return {type(cb).__name__: cb.state_dict() for cb in self.callbacks}

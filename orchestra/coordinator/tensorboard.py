@@ -16,11 +16,15 @@ class TensorBoard(CoordinatorCallback):
     plus `epoch_time_seconds` and `epoch_samples_per_second`; one point per
     epoch at step = epoch (counted from 1), flushed every epoch so a running
     job's curves grow. With `update_freq="batch"`, `batch_loss` at the global
-    step of every batch too.
+    step of every batch too. The job's own run (the folder itself) holds its
+    hyperparameters for TensorBoard's HParams dashboard, the model summary,
+    and at the end a summary of the outcome, as text.
 
     Args:
         logdir: the job's TensorBoard folder.
         update_freq: `epoch` or `batch`.
+        hparams: hyperparameters to compare jobs by (str, int, float, bool).
+        model_summary: the model's summary, shown as text.
 
     Example:
 
@@ -31,15 +35,29 @@ class TensorBoard(CoordinatorCallback):
         >>> board.on_job_end({})
     """
 
-    def __init__(self, logdir: str | Path, update_freq: str = "epoch"):
+    def __init__(self, logdir: str | Path, update_freq: str = "epoch",
+                 hparams: dict[str, Any] | None = None, model_summary: str | None = None):
         self.logdir = Path(logdir)
         self.update_freq = update_freq
+        self.hparams = hparams or {}
+        self.model_summary = model_summary
         self._writers: dict[str, Any] = {}
 
     def _writer(self, run: str):
         if run not in self._writers:
             self._writers[run] = tensorflow().summary.create_file_writer(str(self.logdir / run))
         return self._writers[run]
+
+    def on_job_start(self, job_id: str) -> None:
+        from tensorboard.plugins.hparams import api as hp
+
+        tf = tensorflow()
+        with self._writer("").as_default():
+            if self.hparams:
+                hp.hparams(self.hparams, trial_id=job_id)
+            if self.model_summary:
+                tf.summary.text("model", _preformatted(self.model_summary), step=0)
+        self._writers[""].flush()
 
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
         tf = tensorflow()
@@ -60,9 +78,22 @@ class TensorBoard(CoordinatorCallback):
             self._writers[run].flush()
 
     def on_job_end(self, final: dict[str, Any]) -> None:
+        rows = [("epochs completed", final.get("epochs_completed")),
+                ("stopped epoch", final.get("stopped_epoch")),
+                ("best epoch", final.get("best_epoch")),
+                (f"best {final.get('monitor')}", final.get("best_value"))]
+        rows += [(f"test {name}", value) for name, value in (final.get("test_metrics") or {}).items()]
+        table = "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+        with self._writer("").as_default():
+            tensorflow().summary.text("summary", table, step=final.get("epochs_completed") or 0)
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
 
     def record_fields(self) -> dict[str, Any]:
         return {"tensorboard_logdir": str(self.logdir)}
+
+
+def _preformatted(text: str) -> str:
+    """Markdown that keeps a fixed-width summary's layout."""
+    return "\n".join("    " + line for line in text.splitlines())
