@@ -226,6 +226,9 @@ def training_dataset(
         tf.data.Dataset.range(initial_epoch, 2**62)
         .flat_map(epoch_indices)
         .map(gather, num_parallel_calls=parallel_calls, deterministic=True)
+        # Declared endless: tf.distribute then skips its per-step vote on
+        # whether every worker still has data.
+        .apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     )
     return _unsharded(dataset).prefetch(prefetch)
 

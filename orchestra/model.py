@@ -106,7 +106,7 @@ def make_optimizer(spec: OptimizerSpec):
     return optimizer_classes()[spec.type.lower()](**config)
 
 
-def build_model(spec: JobSpec, input_shape: tuple[int, ...]):
+def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution: int = 1):
     """The Sequential model the spec describes, compiled. Call it inside a
     distribution strategy's scope to get distributed variables."""
     k = keras()
@@ -126,6 +126,7 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...]):
         optimizer=make_optimizer(spec.compile.optimizer_spec),
         loss=spec.compile.loss,
         metrics=list(spec.compile.metrics),
+        steps_per_execution=steps_per_execution,
     )
     return model
 

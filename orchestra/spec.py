@@ -260,6 +260,38 @@ class ScalingSpec(StrictModel):
     )
 
 
+Auto = Literal["auto"]
+
+
+class PerformanceSpec(StrictModel):
+    """orchestra's fast defaults for MultiWorkerMirroredStrategy on CPUs.
+
+    Each keeps Keras's meaning (the same per-epoch metrics within float
+    noise, the same early-stopping epoch); each can be overridden.
+    """
+
+    steps_per_execution: Annotated[int, Field(ge=1)] | Auto = Field(
+        default="auto",
+        description="Keras's compile argument; auto: up to 50 steps per call (1 with per-batch TensorBoard).",
+    )
+    threads_per_worker: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        default="auto",
+        description="TensorFlow threads per worker; auto: one per CPU the worker holds.",
+    )
+    gradient_pack_bytes: Annotated[int, Field(ge=0)] | Auto = Field(
+        default="auto",
+        description="Pack gradients into all-reduces of this many bytes; auto and 0: TensorFlow's default.",
+    )
+    evaluation_batch_size: Annotated[int, Field(ge=1)] | Auto = Field(
+        default="auto",
+        description="Global batch of validation and test steps unless fit.validation_batch_size is set; auto: 1024.",
+    )
+    single_worker_strategy: Literal["none", "multi_worker_mirrored"] = Field(
+        default="none",
+        description="With 1 worker, train without a distribution strategy (no collectives) or with one.",
+    )
+
+
 class DataLoaderSpec(StrictModel):
     processes: int = Field(default=2, ge=1, le=64, description="Parallel input-pipeline workers.")
     prefetch: int = Field(default=2, ge=0, le=64, description="Batches prepared ahead of the model.")
@@ -281,6 +313,7 @@ class JobSpec(StrictModel):
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     data_loader: DataLoaderSpec = Field(default_factory=DataLoaderSpec)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     storage: str | None = Field(
         default=None,
         description="Root of the shared storage (a path); default ORCHESTRA_STORAGE or ~/orchestra_storage.",

@@ -5,24 +5,23 @@ driver's decision at the end of every epoch."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from orchestra import tuning
+
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"
-TEST_BATCH = 1024
 
 
-def _configure_threads(cpus: float) -> None:
-    """One TensorFlow thread per CPU the worker holds: the default (one per
-    machine core, per worker) oversubscribes a small machine."""
+def _configure_threads(threads: int) -> None:
     from orchestra.keras_compat import tensorflow
 
     tf = tensorflow()
-    threads = max(1, int(cpus))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
@@ -96,10 +95,19 @@ def train_loop(config: dict[str, Any]) -> None:
 
     spec = JobSpec.model_validate(config["spec"])
     context = ray.train.get_context()
-    _configure_threads(spec.scaling.cpus_per_worker)
-    # Must exist before any other TensorFlow op runs in this process.
-    strategy = tensorflow().distribute.MultiWorkerMirroredStrategy()
-    train(config, context.get_world_rank(), context.get_world_size(), strategy, RayChannel(config["channel"]))
+    world_size = context.get_world_size()
+    _configure_threads(tuning.threads_per_worker(spec))
+    tf = tensorflow()
+    if tuning.needs_collectives(spec, world_size):
+        # Must exist before any other TensorFlow op runs in this process.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                bytes_per_pack=tuning.gradient_pack_bytes(spec),
+            )
+        )
+    else:
+        strategy = tf.distribute.get_strategy()
+    train(config, context.get_world_rank(), world_size, strategy, RayChannel(config["channel"]))
 
 
 def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel) -> None:
@@ -117,13 +125,10 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
     global_batch = spec.fit.batch_size
     steps = spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(arrays.x_train), global_batch)
     per_worker_batch = global_batch // world_size
-    validation_batch = (spec.fit.validation_batch_size or global_batch) // world_size or 1
-    # The final evaluation's metrics do not depend on its batch size, but its
-    # time does: every step pays a collective, so it takes large batches.
-    test_batch = max(validation_batch, TEST_BATCH // world_size)
+    evaluation_batch = max(1, tuning.evaluation_batch_size(spec) // world_size)
 
     with strategy.scope():
-        model = build_model(spec, arrays.input_shape)
+        model = build_model(spec, arrays.input_shape, tuning.steps_per_execution(spec, steps))
 
     initial_epoch = 0
     if start["checkpoint"] is not None:
@@ -152,8 +157,8 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
 
     validation, validation_steps = None, None
     if arrays.x_val is not None:
-        validation = evaluation_data(arrays.x_val, arrays.y_val, validation_batch)
-        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), validation_batch, world_size)
+        validation = evaluation_data(arrays.x_val, arrays.y_val, evaluation_batch)
+        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), evaluation_batch, world_size)
         if spec.fit.validation_steps:
             validation_steps = min(validation_steps, spec.fit.validation_steps)
     board = spec.callbacks.tensorboard
@@ -181,8 +186,8 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
     test_metrics = None
     if arrays.x_test is not None:
         results = model.evaluate(
-            evaluation_data(arrays.x_test, arrays.y_test, test_batch),
-            steps=data_lib.evaluation_steps(len(arrays.x_test), test_batch, world_size),
+            evaluation_data(arrays.x_test, arrays.y_test, evaluation_batch),
+            steps=data_lib.evaluation_steps(len(arrays.x_test), evaluation_batch, world_size),
             verbose=0,
             return_dict=True,
         )
@@ -222,6 +227,7 @@ def channel_callback(channel, attempt: int, rank: int, samples_per_epoch: int, l
                 "rank": rank, "epoch": epoch + 1, "logs": logs,
                 "epoch_time": time.perf_counter() - self.started,
                 "samples": samples_per_epoch, "batch_losses": self.batch_losses,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             self.obey(channel.report(attempt, rank, epoch + 1, payload))
             if histograms is not None:

@@ -99,12 +99,35 @@ def test_reference_run_is_plain_keras(both_modes, mnist_dir):
     batches = tf.data.Dataset.range(60).flat_map(epoch).map(lambda i: (tf.gather(x_train, i), tf.gather(y_train, i)))
     stopper = k.callbacks.EarlyStopping(monitor="val_loss", patience=3, min_delta=0.002)
     history = model.fit(batches, epochs=60, steps_per_epoch=30, validation_data=(x_val, y_val),
-                        validation_batch_size=20, callbacks=[stopper], verbose=0).history
+                        validation_batch_size=1024, callbacks=[stopper], verbose=0).history
 
     assert reference.stopped_epoch == stopper.stopped_epoch + 1
     assert len(reference.history) == len(history["loss"])
     for key in METRICS:
         assert [h[key] for h in reference.history] == pytest.approx(history[key], rel=1e-6), key
+
+
+SLOW = {"steps_per_execution": 1, "threads_per_worker": 2, "evaluation_batch_size": 20,
+        "single_worker_strategy": "multi_worker_mirrored"}
+
+
+def test_fast_defaults_keep_kerass_meaning(both_modes, mnist_dir, tmp_path):
+    """orchestra's performance defaults against every one of them turned off:
+    the same per-epoch history within float noise, the same decisions."""
+    distributed = both_modes[1]
+    slow = run({**FIDELITY_SPEC, "performance": SLOW}, tmp_path, mnist_dir, in_process=False)
+    assert (slow.stopped_epoch, slow.best_epoch) == (distributed.stopped_epoch, distributed.best_epoch)
+    for ours, theirs in zip(distributed.history, slow.history, strict=True):
+        for key in METRICS:
+            assert ours[key] == pytest.approx(theirs[key], rel=RTOL), (ours["epoch"], key)
+
+
+def test_one_worker_trains_without_collectives_and_gives_the_reference_run(both_modes, mnist_dir, tmp_path):
+    reference = both_modes[0]
+    single = run({**FIDELITY_SPEC, "scaling": {"workers": 1}}, tmp_path, mnist_dir, in_process=False)
+    assert single.workers == 1
+    assert [h["loss"] for h in single.history] == [h["loss"] for h in reference.history]
+    assert [h["val_loss"] for h in single.history] == [h["val_loss"] for h in reference.history]
 
 
 def test_dropout_lands_in_the_same_range(tmp_path, mnist_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from orchestra.coordinator.base import EpochResult, WorkerReport
 
 
@@ -9,7 +11,7 @@ def aggregate(reports: list[WorkerReport]) -> EpochResult:
     """Metrics are the mean over workers (under MultiWorkerMirroredStrategy
     Keras already reduces them across replicas, so the workers agree);
     the epoch lasts as long as its slowest worker; throughput counts every
-    worker's samples."""
+    worker's samples; memory is the largest worker's."""
     if not reports:
         raise ValueError("no reports to aggregate")
     epochs = {report.epoch for report in reports}
@@ -30,4 +32,6 @@ def aggregate(reports: list[WorkerReport]) -> EpochResult:
         samples_per_second=samples / epoch_time if epoch_time > 0 else 0.0,
         batch_losses=list(chief.batch_losses),
         steps=len(chief.batch_losses),
+        worker_peak_rss_mb=max(report.peak_rss_mb for report in reports),
+        time=time.time(),
     )

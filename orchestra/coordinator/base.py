@@ -23,6 +23,7 @@ class WorkerReport:
     epoch_time: float
     samples: int
     batch_losses: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
 
 
 @dataclass
@@ -35,6 +36,8 @@ class EpochResult:
     samples_per_second: float
     batch_losses: list[float] = field(default_factory=list)
     steps: int = 0
+    worker_peak_rss_mb: float = 0.0
+    time: float = 0.0  # when the driver had every worker's report (Unix time)
 
     def history_entry(self) -> dict[str, float]:
         return {
@@ -42,6 +45,8 @@ class EpochResult:
             **self.metrics,
             "epoch_time": self.epoch_time,
             "samples_per_second": self.samples_per_second,
+            "worker_peak_rss_mb": self.worker_peak_rss_mb,
+            "time": self.time,
         }
 
 

@@ -1,0 +1,50 @@
+"""Way 3: orchestra, embedded default, full coordinator: aggregation, early
+stopping armed but not triggered, a checkpoint every epoch, TensorBoard."""
+
+import tempfile
+from pathlib import Path
+
+from bench.common import Result, emit, read_workload, scratch_dir
+
+
+def spec_for(work) -> dict:
+    return {
+        "name": "bench", "seed": 0,
+        "data": {"source": str(work.mnist), "rescale": "1/255", "labels": "sparse", "test": False,
+                 "train_size": work.train, "validation_size": work.validation, "seed": work.seed},
+        "model": {"input_shape": [28, 28], "layers": [
+            {"type": "Flatten"}, {"type": "Dense", "units": 100, "activation": "relu"},
+            {"type": "Dense", "units": 10, "activation": "softmax"}]},
+        "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+        "fit": {"epochs": work.epochs, "batch_size": work.batch_size},
+        "callbacks": {"early_stopping": {"monitor": "val_loss", "patience": work.epochs},
+                      "checkpoint": {"monitor": "val_loss", "keep": 1},
+                      "tensorboard": {"update_freq": "epoch"}},
+        "scaling": {"workers": work.workers},
+    }
+
+
+def main() -> None:
+    from orchestra.dispatch import create_job, run_job
+    from orchestra.preflight import preflight
+    from orchestra.spec import JobSpec
+
+    work = read_workload()
+    storage = tempfile.mkdtemp(dir=scratch_dir())
+    prepared = preflight(JobSpec.model_validate(spec_for(work)), storage=storage,
+                         datasets=str(Path(work.mnist).parent))
+    record = run_job(prepared, create_job(prepared))
+    assert record.state.value == "SUCCEEDED", record.reason
+    history = record.history
+    emit(Result(
+        "orchestra", work.workers,
+        epoch_times=[h["epoch_time"] for h in history],
+        epoch_ends=[h["time"] for h in history],
+        worker_peak_rss_mb=max(h["worker_peak_rss_mb"] for h in history),
+        samples_per_epoch=work.train - work.train % work.batch_size,
+        final_val_loss=history[-1]["val_loss"],
+    ))
+
+
+if __name__ == "__main__":
+    main()
