@@ -3,6 +3,7 @@ workload three ways, side by side, as a markdown table (and JSON).
 
     plain       single-process tf-keras `fit`, TensorFlow's defaults
     ray_recipe  Ray Train's documented TensorflowTrainer recipe
+    ray_recipe_tuned  the recipe with orchestra's tuning written in by hand
     orchestra   orchestra's embedded default, full coordinator
     loader      orchestra's input pipeline alone, no model
 
@@ -86,6 +87,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Each default's "off" value, against which its gain is measured.
+DEFAULTS_OFF = {
+    "steps_per_execution 1 (auto: up to 50)": {"steps_per_execution": 1},
+    "end-of-data vote every step (auto: skipped)": {"skip_end_of_data_vote": False},
+    "evaluation batch = fit batch (auto: 1024)": {"evaluation_batch_size": 32},
+    "TensorFlow's default threads (auto: 1 per CPU)": {"threads_per_worker": os.cpu_count() or 2},
+    "gradients packed in one all-reduce (auto: TF default)": {"gradient_pack_bytes": 1 << 30},
+}
+
+
+def ablation(args) -> int:
+    base = Workload(mnist=str(Path(args.mnist).resolve()), workers=2, **(QUICK if args.quick else {}))
+    if args.epochs:
+        base.epochs = args.epochs
+    rows = [("all defaults", summarize([run_way("orchestra_way", base, k) for k in range(args.repeats)]))]
+    for label, off in DEFAULTS_OFF.items():
+        work = Workload(**{**asdict(base), "performance": off})
+        rows.append((label, summarize([run_way("orchestra_way", work, k) for k in range(args.repeats)])))
+    fast = rows[0][1]["epoch_s"]
+    print("| orchestra, 2 workers | epoch (s), median [min–max] | vs all defaults |")
+    print("| --- | ---: | ---: |")
+    for label, row in rows:
+        print(f"| {label} | {row['epoch_s']:.2f} [{row['epoch_min_s']:.2f}–{row['epoch_max_s']:.2f}] | "
+              f"{row['epoch_s'] / fast:.2f}× |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({label: row for label, row in rows}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (seconds per way)")
@@ -95,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mnist", default=os.path.join(os.environ.get("ORCHESTRA_DATASETS", "../shared/datasets"),
                                                         "mnist.npz"))
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    parser.add_argument("--ablation", action="store_true",
+                        help="instead: orchestra on 2 workers with each performance default turned off in turn")
     args = parser.parse_args(argv)
+    if args.ablation:
+        return ablation(args)
 
     base = Workload(mnist=str(Path(args.mnist).resolve()), **(QUICK if args.quick else {}))
     if args.epochs:
@@ -103,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [summarize([run_way("plain", base, k) for k in range(args.repeats)])]
     for workers in args.workers:
         work = Workload(**{**asdict(base), "workers": workers})
-        for module in ("ray_recipe", "orchestra_way"):
-            name = "recipe" if module == "ray_recipe" else module
-            rows.append(summarize([run_way(name, work, k) for k in range(args.repeats)]))
+        rows.append(summarize([run_way("recipe", work, k) for k in range(args.repeats)]))
+        if not args.quick:
+            tuned = Workload(**{**asdict(work), "tuned": True})
+            rows.append(summarize([run_way("recipe", tuned, k) for k in range(args.repeats)]))
+        rows.append(summarize([run_way("orchestra_way", work, k) for k in range(args.repeats)]))
         rows.append(summarize([run_way("loader", work, 0)]))
 
     plain = rows[0]["epoch_s"]
@@ -114,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "orchestra_vs_ray": {str(w): by["orchestra", w]["epoch_s"] / by["ray_recipe", w]["epoch_s"] for w in args.workers},
         "orchestra_vs_plain": {str(w): by["orchestra", w]["epoch_s"] / plain for w in args.workers},
     }
+    if not args.quick:
+        ratios["orchestra_vs_ray_tuned"] = {
+            str(w): by["orchestra", w]["epoch_s"] / by["ray_recipe_tuned", w]["epoch_s"] for w in args.workers}
     loader = {str(w): {"delivers_samples_per_s": by["loader", w]["samples_per_s"],
                        "consumes_samples_per_s": by["orchestra", w]["samples_per_s"] / w} for w in args.workers}
     print(f"workload: seed 000's MLP on MNIST, {base.train} train / {base.validation} validation, "
@@ -121,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     for w in args.workers:
-        print(f"{w} worker(s): orchestra / recipe = {ratios['orchestra_vs_ray'][str(w)]:.2f}, "
+        tuned = (f", orchestra / tuned recipe = {ratios['orchestra_vs_ray_tuned'][str(w)]:.2f}"
+                 if "orchestra_vs_ray_tuned" in ratios else "")
+        print(f"{w} worker(s): orchestra / recipe = {ratios['orchestra_vs_ray'][str(w)]:.2f}{tuned}, "
               f"orchestra / plain = {ratios['orchestra_vs_plain'][str(w)]:.2f}, input pipeline delivers "
               f"{loader[str(w)]['delivers_samples_per_s']:.0f} samples/s per worker against "
               f"{loader[str(w)]['consumes_samples_per_s']:.0f} consumed")

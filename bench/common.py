@@ -31,6 +31,8 @@ class Workload:
     epochs: int = 3
     workers: int = 2
     seed: int = 42
+    performance: dict = field(default_factory=dict)  # orchestra's `performance` section
+    tuned: bool = False  # the recipe with orchestra's tuning written in by hand
 
 
 @dataclass
@@ -62,7 +64,7 @@ def load_arrays(work: Workload):
     return x[train], y[train], x[val], y[val]
 
 
-def build_model():
+def build_model(steps_per_execution: int = 1):
     import tf_keras as keras
 
     model = keras.Sequential([
@@ -71,7 +73,8 @@ def build_model():
         keras.layers.Dense(100, activation="relu"),
         keras.layers.Dense(10, activation="softmax"),
     ])
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=steps_per_execution)
     return model
 
 

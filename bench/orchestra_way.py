@@ -21,6 +21,7 @@ def spec_for(work) -> dict:
                       "checkpoint": {"monitor": "val_loss", "keep": 1},
                       "tensorboard": {"update_freq": "epoch"}},
         "scaling": {"workers": work.workers},
+        "performance": work.performance,
     }
 
 

@@ -190,6 +190,7 @@ def training_dataset(
     class_weight: dict[int, float] | None,
     parallel_calls: int,
     prefetch: int,
+    declare_endless: bool = True,
 ):
     """An endless per-worker dataset: epoch after epoch, this worker's share of
     each global batch, in an order fixed by (seed, epoch).
@@ -226,10 +227,10 @@ def training_dataset(
         tf.data.Dataset.range(initial_epoch, 2**62)
         .flat_map(epoch_indices)
         .map(gather, num_parallel_calls=parallel_calls, deterministic=True)
-        # Declared endless: tf.distribute then skips its per-step vote on
-        # whether every worker still has data.
-        .apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     )
+    if declare_endless:
+        # tf.distribute then skips its per-step vote on whether every worker still has data.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     return _unsharded(dataset).prefetch(prefetch)
 
 

@@ -21,10 +21,10 @@ from orchestra.spec import CheckpointSpec, JobSpec
 POLL_SECONDS = 0.5
 
 
-def ensure_ray(address: str | None = None, show_worker_output: bool = False) -> None:
-    """Join the Ray at `address`, or start an embedded local one. Workers'
-    output (Keras's progress with `fit.verbose`) reaches this terminal only
-    when asked for."""
+def ensure_ray(show_worker_output: bool = False) -> None:
+    """Start an embedded local Ray, unless this process is already connected
+    to one. Workers' output (Keras's progress with `fit.verbose`) reaches
+    this terminal only when asked for."""
     import ray
 
     if ray.is_initialized():
@@ -32,14 +32,12 @@ def ensure_ray(address: str | None = None, show_worker_output: bool = False) -> 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Worker prints are otherwise routed through logging and shown twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if address:
-        ray.init(address=address, log_to_driver=show_worker_output)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=show_worker_output, configure_logging=False)
+    ray.init(include_dashboard=False, log_to_driver=show_worker_output, configure_logging=False)
 
 
-def make_callbacks(spec: JobSpec, prepared: Prepared, job_id: str) -> list[CoordinatorCallback]:
-    storage = prepared.storage
+def make_callbacks(prepared: Prepared, job_id: str) -> list[CoordinatorCallback]:
+    """The driver-side callbacks the spec asks for, in the order they run."""
+    spec, storage = prepared.spec, prepared.storage
     callbacks: list[CoordinatorCallback] = []
     if spec.callbacks.early_stopping is not None:
         callbacks.append(EarlyStopping(**spec.callbacks.early_stopping.model_dump()))
@@ -99,7 +97,7 @@ def create_job(prepared: Prepared, in_process: bool = False) -> JobRecord:
 
 def _coordinator(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> Coordinator:
     return Coordinator(
-        record, prepared.storage, make_callbacks(prepared.spec, prepared, record.job_id), progress,
+        record, prepared.storage, make_callbacks(prepared, record.job_id), progress,
         fallback_monitor="val_loss" if prepared.spec.data.has_validation else "loss",
     )
 
@@ -150,7 +148,6 @@ def run_job(
     prepared: Prepared,
     record: JobRecord,
     progress: Callable[[EpochResult], None] = lambda result: None,
-    on_channel: Callable[[Any], None] = lambda channel: None,
 ) -> JobRecord:
     """Train the job to its end and return its final record."""
     import ray
@@ -163,7 +160,6 @@ def run_job(
     spec, storage = prepared.spec, prepared.storage
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
     channel = Channel.remote(spec.scaling.workers)
-    on_channel(channel)
     coordinator = _coordinator(prepared, record, progress)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
@@ -236,6 +232,10 @@ def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
 
 def _error_text(exc: BaseException) -> str:
     """The root cause a user can act on, not Ray's wrapping of it."""
+    failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
+    if failures:
+        rank, error = min(failures.items())
+        return f"worker {rank}: {type(error).__name__}: {error}"[:2000]
     text = str(exc).strip()
     for line in reversed(text.splitlines()):
         line = line.strip()

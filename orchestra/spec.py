@@ -286,6 +286,10 @@ class PerformanceSpec(StrictModel):
         default="auto",
         description="Global batch of validation and test steps unless fit.validation_batch_size is set; auto: 1024.",
     )
+    skip_end_of_data_vote: bool = Field(
+        default=True,
+        description="Declare the training data endless so workers do not vote each step on whether data remains.",
+    )
     single_worker_strategy: Literal["none", "multi_worker_mirrored"] = Field(
         default="none",
         description="With 1 worker, train without a distribution strategy (no collectives) or with one.",

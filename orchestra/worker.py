@@ -145,6 +145,7 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
             shuffle=spec.fit.shuffle, seed=spec.seed, initial_epoch=initial_epoch,
             class_weight=spec.fit.class_weight,
             parallel_calls=spec.data_loader.processes, prefetch=spec.data_loader.prefetch,
+            declare_endless=spec.performance.skip_end_of_data_vote,
         )
     )
 

@@ -108,7 +108,7 @@ def test_reference_run_is_plain_keras(both_modes, mnist_dir):
 
 
 SLOW = {"steps_per_execution": 1, "threads_per_worker": 2, "evaluation_batch_size": 20,
-        "single_worker_strategy": "multi_worker_mirrored"}
+        "skip_end_of_data_vote": False, "single_worker_strategy": "multi_worker_mirrored"}
 
 
 def test_fast_defaults_keep_kerass_meaning(both_modes, mnist_dir, tmp_path):

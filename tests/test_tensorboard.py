@@ -169,3 +169,21 @@ def test_tensorboard_page_shows_the_job_in_chromium(tmp_path, finished_job):
         )
     assert f"{job}/train" in result.stdout, result.stderr[-2000:]
     assert f"{job}/validation" in result.stdout
+
+
+def test_batch_level_tensorboard_has_every_step(tmp_path, mnist_dir):
+    """update_freq="batch" needs every step's loss: one execution per step."""
+    from orchestra.dispatch import create_job, run_in_process
+    from orchestra.preflight import preflight
+
+    spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 3, "callbacks.early_stopping": None,
+                                                "callbacks.tensorboard": {"update_freq": "batch"}}))
+    prepared = preflight(spec, storage=str(tmp_path), datasets=str(mnist_dir), check_cluster=False)
+    record = run_in_process(prepared, create_job(prepared, in_process=True))
+    assert record.state.value == "SUCCEEDED", record.reason
+    with board(tmp_path, record.job_id) as base:
+        series = scalars(base, f"{record.job_id}/train", "batch_loss")
+    steps = 400 // 20
+    assert [step for _, step, _ in series] == list(range(1, 3 * steps + 1))
+    # Keras's batch logs are the running mean of the epoch: the last one is the epoch's loss.
+    assert series[steps - 1][2] == pytest.approx(record.history[0]["loss"], rel=1e-6)
