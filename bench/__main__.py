@@ -1,5 +1,5 @@
 """`python -m bench [--quick] [--workers 1 2] [--json OUT]`: the same
-workload three ways, side by side, as a markdown table (and JSON).
+workload run every way below, side by side, as a markdown table (and JSON).
 
     plain       single-process tf-keras `fit`, TensorFlow's defaults
     ray_recipe  Ray Train's documented TensorflowTrainer recipe
@@ -91,7 +91,7 @@ def table(rows: list[dict]) -> str:
 DEFAULTS_OFF = {
     "steps_per_execution 1 (auto: up to 50)": {"steps_per_execution": 1},
     "end-of-data vote every step (auto: skipped)": {"skip_end_of_data_vote": False},
-    "evaluation batch = fit batch (auto: 1024)": {"evaluation_batch_size": 32},
+    "evaluation batch = fit batch (auto: 1024)": {"evaluation_batch_size": Workload.batch_size},
     "TensorFlow's default threads (auto: 1 per CPU)": {"threads_per_worker": os.cpu_count() or 2},
     "gradients packed in one all-reduce (auto: TF default)": {"gradient_pack_bytes": 1 << 30},
 }

@@ -10,7 +10,7 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from orchestra.storage import Storage, StorageError
+from orchestra.storage import Storage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
@@ -81,5 +81,3 @@ def serve(logdirs: dict[str, Path], host: str = DEFAULT_HOST, port: int = DEFAUL
     except program.TensorBoardServerException as exc:
         raise BoardError(exc.msg) from None
 
-
-__all__ = ["BoardError", "DEFAULT_HOST", "DEFAULT_PORT", "StorageError", "is_loopback", "job_logdirs", "serve"]

@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Any
 
+from orchestra.board import DEFAULT_HOST, DEFAULT_PORT
 from orchestra.spec import SpecError, json_schema, load_spec
 from orchestra.storage import StorageError
 
@@ -56,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = verbs.add_parser("tensorboard", help="serve jobs' TensorBoard runs until interrupted")
     board.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to show (default: every job in the storage)")
     _storage_option(board)
-    board.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    board.add_argument("--port", type=int, default=6006, help="port (default 6006)")
+    board.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 exposes it to the network)")
+    board.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     board.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                        help="how often TensorBoard reads new events (default 5)")
 

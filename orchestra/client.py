@@ -32,7 +32,7 @@ class JobStatus(BaseModel):
     best_epoch: int | None
     best_value: float | None
     monitor: str | None
-    metrics: dict[str, float]
+    metrics: dict[str, int | float]
     checkpoint: str | None
     model: str | None
     tensorboard_logdir: str | None

@@ -8,6 +8,7 @@ callbacks and answers the workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -29,13 +30,12 @@ def ensure_ray(show_worker_output: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Worker prints are otherwise routed through logging and shown twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(include_dashboard=False, log_to_driver=show_worker_output, configure_logging=False)
 
 
-def make_callbacks(prepared: Prepared, job_id: str) -> list[CoordinatorCallback]:
+def make_callbacks(prepared: Prepared, job_id: str, workers: int) -> list[CoordinatorCallback]:
     """The driver-side callbacks the spec asks for, in the order they run."""
     spec, storage = prepared.spec, prepared.storage
     callbacks: list[CoordinatorCallback] = []
@@ -51,12 +51,12 @@ def make_callbacks(prepared: Prepared, job_id: str) -> list[CoordinatorCallback]
     if spec.callbacks.tensorboard is not None:
         callbacks.append(TensorBoard(
             storage.tensorboard_dir(job_id), spec.callbacks.tensorboard.update_freq,
-            hparams=hyperparameters(spec), model_summary=prepared.model_summary,
+            hparams=hyperparameters(spec, workers), model_summary=prepared.model_summary,
         ))
     return callbacks
 
 
-def hyperparameters(spec: JobSpec) -> dict[str, Any]:
+def hyperparameters(spec: JobSpec, workers: int) -> dict[str, Any]:
     """What runs are compared by on TensorBoard's HParams dashboard."""
     optimizer = spec.compile.optimizer_spec
     return {
@@ -65,7 +65,7 @@ def hyperparameters(spec: JobSpec) -> dict[str, Any]:
         "batch_size": spec.fit.batch_size,
         "epochs": spec.fit.epochs,
         "layers": " > ".join(_layer_label(layer.type, layer.arguments) for layer in spec.model.layers),
-        "workers": spec.scaling.workers,
+        "workers": workers,
         "seed": spec.seed,
         "loss": spec.compile.loss,
     }
@@ -97,7 +97,7 @@ def create_job(prepared: Prepared, in_process: bool = False) -> JobRecord:
 
 def _coordinator(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> Coordinator:
     return Coordinator(
-        record, prepared.storage, make_callbacks(prepared, record.job_id), progress,
+        record, prepared.storage, make_callbacks(prepared, record.job_id, record.workers), progress,
         fallback_monitor="val_loss" if prepared.spec.data.has_validation else "loss",
     )
 
@@ -125,22 +125,13 @@ def run_in_process(
     from orchestra.keras_compat import tensorflow
     from orchestra.worker import train
 
-    storage = prepared.storage
-    coordinator = _coordinator(prepared, record, progress)
-    record.transition(JobState.RUNNING)
-    storage.write_record(record)
-    try:
+    with _record_outcome(prepared, record):
+        coordinator = _coordinator(prepared, record, progress)
+        record.transition(JobState.RUNNING)
+        prepared.storage.write_record(record)
         train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
               LocalChannel(coordinator))
-    except KeyboardInterrupt:
-        record.transition(JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
-        storage.write_record(record)
-        raise
-    except Exception as exc:  # noqa: BLE001 - reported on the record
-        record.transition(JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])
-    else:
-        record.transition(JobState.SUCCEEDED)
-    storage.write_record(record)
+        _end(prepared, record, JobState.SUCCEEDED, None)
     return record
 
 
@@ -149,7 +140,34 @@ def run_job(
     record: JobRecord,
     progress: Callable[[EpochResult], None] = lambda result: None,
 ) -> JobRecord:
-    """Train the job to its end and return its final record."""
+    """Train the job on Ray Train workers to its end; return its final record.
+    Whatever ends it, the record says so: STOPPED on Ctrl-C, FAILED with the
+    reason on any error, here or on a worker."""
+    with _record_outcome(prepared, record):
+        _run_on_ray(prepared, record, progress)
+    return record
+
+
+@contextlib.contextmanager
+def _record_outcome(prepared: Prepared, record: JobRecord):
+    """A job that ends by an exception is recorded as STOPPED (Ctrl-C, which
+    goes on up) or FAILED with the error (which the record now tells)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end(prepared, record, JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
+        raise
+    except Exception as exc:  # noqa: BLE001 - the record carries it
+        _end(prepared, record, JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _end(prepared: Prepared, record: JobRecord, state: JobState, reason: str | None) -> None:
+    if not record.state.is_terminal:
+        record.transition(state, reason)
+        prepared.storage.write_record(record)
+
+
+def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> None:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -192,18 +210,12 @@ def run_job(
     thread.start()
     try:
         _drive(channel, coordinator, thread)
-    except KeyboardInterrupt:
-        record.transition(JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
-        storage.write_record(record)
-        ray.kill(channel)
-        raise
+    finally:
+        ray.kill(channel)  # releases any worker still waiting for a decision
     if "error" in outcome:
-        record.transition(JobState.FAILED, _error_text(outcome["error"]))
+        _end(prepared, record, JobState.FAILED, _error_text(outcome["error"]))
     else:
-        record.transition(JobState.SUCCEEDED)
-    storage.write_record(record)
-    ray.kill(channel)
-    return record
+        _end(prepared, record, JobState.SUCCEEDED, None)
 
 
 def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:

@@ -122,12 +122,15 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
         model = k.Sequential(layers, name=spec.name.replace("-", "_").replace(".", "_"))
     except (TypeError, ValueError) as exc:
         raise ModelError("model.layers", str(exc).strip().splitlines()[0]) from None
-    model.compile(
-        optimizer=make_optimizer(spec.compile.optimizer_spec),
-        loss=spec.compile.loss,
-        metrics=list(spec.compile.metrics),
-        steps_per_execution=steps_per_execution,
-    )
+    try:
+        optimizer = make_optimizer(spec.compile.optimizer_spec)
+    except (TypeError, ValueError) as exc:
+        raise ModelError("compile.optimizer", f"{spec.compile.optimizer_spec.type}: {exc}") from None
+    try:
+        model.compile(optimizer=optimizer, loss=spec.compile.loss, metrics=list(spec.compile.metrics),
+                      steps_per_execution=steps_per_execution)
+    except (TypeError, ValueError) as exc:
+        raise ModelError("compile", str(exc)) from None
     return model
 
 

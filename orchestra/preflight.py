@@ -67,7 +67,15 @@ def preflight(
     try:
         npz_path = data_lib.resolve_source(spec.data.source, directory)
         arrays = data_lib.prepare(spec.data, npz_path, directory)
-        dropped = len(arrays.x_train) % spec.fit.batch_size
+        if len(arrays.x_train) < spec.fit.batch_size:
+            raise data_lib.DataError(
+                "fit.batch_size", f"{spec.fit.batch_size} is larger than the {len(arrays.x_train)} training examples")
+        for name, evaluation in (("validation", arrays.x_val), ("test", arrays.x_test)):
+            if evaluation is not None and len(evaluation) < spec.scaling.workers:
+                raise data_lib.DataError(
+                    "data", f"the {name} set has {len(evaluation)} examples, fewer than the {spec.scaling.workers} workers")
+        if spec.fit.steps_per_epoch is None:
+            dropped = len(arrays.x_train) % spec.fit.batch_size
         input_shape = tuple(spec.model.input_shape or arrays.input_shape)
         if not problems:
             build_model(spec, arrays.input_shape).summary(print_fn=summary.append)

@@ -54,7 +54,8 @@ class JobRecord(BaseModel):
     """Everything known about one job. Epochs are counted from 1, as Keras
     prints them: `stopped_epoch` 146 is Keras's `stopped_epoch + 1`."""
 
-    model_config = ConfigDict(validate_assignment=True)
+    # A diverging job logs NaN: keep it as JSON's NaN rather than a null that cannot be read back.
+    model_config = ConfigDict(validate_assignment=True, ser_json_inf_nan="constants")
 
     job_id: str
     name: str
@@ -74,7 +75,7 @@ class JobRecord(BaseModel):
     monitor: str | None = None
     best_epoch: int | None = None
     best_value: float | None = None
-    history: list[dict[str, float]] = Field(default_factory=list)
+    history: list[dict[str, int | float]] = Field(default_factory=list)
     checkpoints: list[CheckpointEntry] = Field(default_factory=list)
     best_checkpoint: str | None = None
     model_path: str | None = Field(default=None, description="The model training ended with.")

@@ -320,7 +320,8 @@ class JobSpec(StrictModel):
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     storage: str | None = Field(
         default=None,
-        description="Root of the shared storage (a path); default ORCHESTRA_STORAGE or ~/orchestra_storage.",
+        description="Root of the shared storage (a path); --storage and ORCHESTRA_STORAGE override it; "
+        "default ~/orchestra_storage.",
     )
 
     @model_validator(mode="after")
@@ -357,6 +358,12 @@ class JobSpec(StrictModel):
                     f"callbacks.{name}.monitor",
                     f"'{section.monitor}' is not a metric this job logs; allowed: {', '.join(allowed)}",
                 ))
+        board, steps = self.callbacks.tensorboard, self.performance.steps_per_execution
+        if board is not None and board.update_freq == "batch" and steps not in ("auto", 1):
+            problems.append((
+                "performance.steps_per_execution",
+                f"{steps} hides all but every {steps}th batch from update_freq 'batch'; use 'auto' or 1",
+            ))
         if problems:
             raise ValueError("\n".join(f"{path}{_PATH_END}{message}" for path, message in problems))
         return self

@@ -31,8 +31,8 @@ class StorageError(ValueError):
 
 
 def storage_root(override: str | None = None, spec_storage: str | None = None) -> Path:
-    """--storage, else the spec's storage, else ORCHESTRA_STORAGE, else the default."""
-    raw = override or spec_storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    """--storage, else ORCHESTRA_STORAGE, else the spec's storage, else the default."""
+    raw = override or os.environ.get(STORAGE_ENV) or spec_storage or DEFAULT_STORAGE
     if "://" in raw and not raw.startswith("file://"):
         raise StorageError(f"storage '{raw}': only local or mounted shared paths are supported (file:// or a path)")
     return Path(raw.removeprefix("file://")).expanduser().absolute()

@@ -16,6 +16,7 @@ from orchestra import tuning
 
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"
+BEST_WEIGHTS_FILE = "best_weights.npz"
 
 
 def _configure_threads(threads: int) -> None:
@@ -43,12 +44,17 @@ def model_file(directory: str | Path) -> Path:
     return full if full.is_file() else directory / WEIGHTS_FILE
 
 
-def collective_save(model, final: Path, rank: int, weights_only: bool, extra: dict[str, Any] | None = None) -> None:
+def collective_save(model, final: Path, rank: int, weights_only: bool, extra: dict[str, Any] | None = None,
+                    best_weights: list | None = None) -> None:
     """Every worker takes part in a save under MultiWorkerMirroredStrategy, or
     the chief would wait in a collective forever: the chief writes to a
     staging folder beside `final` and publishes it by rename, the others
-    write to scratch that is thrown away."""
+    write to scratch that is thrown away. `extra` (the driver's callback
+    state) and `best_weights` (the restore_best_weights snapshot) go into
+    the same folder, so a job resumed from it has both as they were."""
     import json
+
+    import numpy as np
 
     from orchestra.storage import publish_directory
 
@@ -58,6 +64,8 @@ def collective_save(model, final: Path, rank: int, weights_only: bool, extra: di
         save_model(model, staging, weights_only)
         if extra is not None:
             (staging / "state.json").write_text(json.dumps(extra))
+        if best_weights is not None:
+            np.savez(staging / BEST_WEIGHTS_FILE, *best_weights)
         publish_directory(staging, final)
     else:
         scratch = Path(tempfile.mkdtemp(prefix="orchestra-scratch-"))
@@ -73,8 +81,8 @@ class RayChannel:
     def __init__(self, handle):
         self.handle = handle
 
-    def start(self, rank: int, pid: int) -> dict[str, Any]:
-        return ray_get(self.handle.start.remote(rank, pid))
+    def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
+        return ray_get(self.handle.start.remote(rank, pid, group))
 
     def report(self, attempt: int, rank: int, epoch: int, payload: dict[str, Any]) -> dict[str, Any]:
         return ray_get(self.handle.report.remote(attempt, rank, epoch, payload))
@@ -114,12 +122,14 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
     """Train one replica of the job with Keras's `fit`: under
     MultiWorkerMirroredStrategy on a Ray worker, or under TensorFlow's
     default strategy for the in-process reference run (rank 0 of 1)."""
+    import numpy as np
+
     from orchestra import data as data_lib
     from orchestra.model import build_model
     from orchestra.spec import JobSpec
 
     spec = JobSpec.model_validate(config["spec"])
-    start = channel.start(rank, os.getpid())
+    start = channel.start(rank, os.getpid(), worker_group())
     npz = Path(config["npz_path"]) if config["npz_path"] else None
     arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))
     global_batch = spec.fit.batch_size
@@ -130,13 +140,17 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
     with strategy.scope():
         model = build_model(spec, arrays.input_shape, tuning.steps_per_execution(spec, steps))
 
-    initial_epoch = 0
+    initial_epoch, best_weights = 0, None
     if start["checkpoint"] is not None:
+        resume_from = Path(start["checkpoint"]["path"])
         with strategy.scope():
             # Slots must exist for the checkpoint's optimizer state to load into them.
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(str(model_file(start["checkpoint"]["path"])))
+        model.load_weights(str(model_file(resume_from)))
         initial_epoch = start["checkpoint"]["epoch"]
+        if (resume_from / BEST_WEIGHTS_FILE).is_file():
+            with np.load(resume_from / BEST_WEIGHTS_FILE) as saved:
+                best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
     train_data = strategy.distribute_datasets_from_function(
         lambda _: data_lib.training_dataset(
@@ -164,7 +178,7 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
             validation_steps = min(validation_steps, spec.fit.validation_steps)
     board = spec.callbacks.tensorboard
     bridge = channel_callback(
-        channel, start["attempt"], rank,
+        channel, start["attempt"], rank, best_weights,
         samples_per_epoch=steps * per_worker_batch,
         log_batches=bool(board and board.update_freq == "batch"),
         histograms=WeightHistograms(Path(config["tensorboard_dir"]) / "train", board.histogram_freq)
@@ -199,8 +213,17 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
         channel.finished({"test_metrics": test_metrics, "model_path": str(model_dir)})
 
 
-def channel_callback(channel, attempt: int, rank: int, samples_per_epoch: int, log_batches: bool,
-                     histograms: WeightHistograms | None = None):
+def worker_group() -> str:
+    """Names this worker's group: Ray Train gives every group it starts
+    fresh addresses in TF_CONFIG, so a restarted group has a new name."""
+    import json
+
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    return ",".join(cluster.get("worker", [])) or f"local-{os.getpid()}"
+
+
+def channel_callback(channel, attempt: int, rank: int, best_weights: list | None, samples_per_epoch: int,
+                     log_batches: bool, histograms: WeightHistograms | None = None):
     """The Keras callback that reports each epoch to the driver and carries
     out its decision (stop, snapshot the best weights, checkpoint)."""
     from orchestra.keras_compat import keras
@@ -208,7 +231,7 @@ def channel_callback(channel, attempt: int, rank: int, samples_per_epoch: int, l
     class ChannelCallback(keras().callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.best_weights = None
+            self.best_weights = best_weights
             self.superseded = False  # a newer attempt of the worker group took over
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -241,7 +264,7 @@ def channel_callback(channel, attempt: int, rank: int, samples_per_epoch: int, l
                 final = Path(decision["checkpoint_dir"])
                 final.parent.mkdir(parents=True, exist_ok=True)
                 collective_save(self.model, final, rank, decision["save_weights_only"],
-                                decision["checkpoint_state"])
+                                decision["checkpoint_state"], self.best_weights)
                 if rank == 0:
                     channel.checkpoint_saved(decision["checkpoint_state"]["epoch"], str(final))
             if decision.get("stop"):

@@ -78,7 +78,7 @@ def run_cli(*args, timeout=600, env=None):
 def finished_job(tmp_path_factory, mnist_dir):
     """One early-stopping job submitted through the CLI, run to its end."""
     root = tmp_path_factory.mktemp("cli")
-    spec_path = write_spec(root / "small.json", small_spec())
+    spec_path = write_spec(root / "small.json", small_spec(**{"callbacks.early_stopping.restore_best_weights": True}))
     result = run_cli("submit", spec_path, "--storage", root / "storage", "--datasets", mnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split()[1].rstrip(":")

@@ -87,6 +87,9 @@ def test_best_checkpoint_is_the_argmin_of_val_loss_and_loads(finished_job):
     assert val["accuracy"] == pytest.approx(history[argmin - 1]["val_accuracy"], abs=1e-6)
 
     final = load_model(finished_job["job_id"], storage=str(storage))
+    # restore_best_weights: training ended with the best epoch's weights, the best checkpoint's.
+    for ours, best_weights in zip(final.get_weights(), best.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, best_weights)
     test = final.evaluate(arrays.x_test, arrays.y_test, verbose=0, return_dict=True)
     assert len(arrays.x_test) == 500
     assert test["loss"] == pytest.approx(record["test_metrics"]["loss"], rel=1e-5)
@@ -127,7 +130,8 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
 
     spec = JobSpec.model_validate(small_spec(**{
         "data.train_size": 2000,
-        "callbacks.early_stopping": {"monitor": "loss", "mode": "max", "patience": 4},
+        "callbacks.early_stopping": {"monitor": "loss", "mode": "max", "patience": 4,
+                                     "restore_best_weights": True},
         "callbacks.checkpoint": {"monitor": "loss", "mode": "max", "keep": 1, "save_weights_only": True},
         "scaling.max_failures": 1,
     }))
@@ -157,5 +161,11 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
     from orchestra import load_model
 
     assert final.checkpoints[-1].path.endswith("epoch-0005")
+    assert final.best_checkpoint.endswith("epoch-0001")
     latest = load_model(record.job_id, storage=str(storage.root), checkpoint="latest")  # weights only
-    assert latest.predict(np.zeros((1, 784), np.float32), verbose=0).shape == (1, 10)
+    best = load_model(record.job_id, storage=str(storage.root), checkpoint="best")
+    ended_with = load_model(record.job_id, storage=str(storage.root))
+    # The best-weights snapshot survived the restart: the job ended with epoch 1's weights.
+    for ours, epoch_one in zip(ended_with.get_weights(), best.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, epoch_one)
+    assert not np.array_equal(latest.get_weights()[0], best.get_weights()[0])

@@ -6,9 +6,10 @@ when every rank has reported, the driver reads the whole epoch with
 `next_event`, decides, and `decide` releases all the workers at once with
 the same answer, so none is left waiting in a collective.
 
-A worker group that Ray Train restarts (`max_failures`) is a new attempt:
-its first `start` call discards the unfinished epoch of the old one and
-tells the driver where training resumes.
+A worker group that Ray Train restarts (`max_failures`) is a new attempt,
+known by its cluster addresses (each group gets fresh ports): its first
+`start` call discards the unfinished epoch of the old one and tells the
+driver where training resumes.
 """
 
 from __future__ import annotations
@@ -25,23 +26,23 @@ class Channel:
     def __init__(self, world_size: int):
         self.world_size = world_size
         self.attempt = 0
-        self.started: set[int] = set()
+        self.group: str | None = None
         self.latest_checkpoint: dict[str, Any] | None = None
         self.events: asyncio.Queue = asyncio.Queue()
         self.reports: dict[int, dict[int, Any]] = {}
         self.decisions: dict[tuple[int, int], Any] = {}
         self.decided: dict[tuple[int, int], asyncio.Event] = {}
 
-    async def start(self, rank: int, pid: int) -> dict[str, Any]:
-        """A worker (re)starts; returns the attempt and where to resume."""
-        if rank in self.started:
-            self.attempt += 1
-            self.started.clear()
-            self.reports.clear()
-            await self.events.put({
-                "kind": "restart", "attempt": self.attempt, "checkpoint": self.latest_checkpoint,
-            })
-        self.started.add(rank)
+    async def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
+        """A worker of `group` starts; returns the attempt and where to resume."""
+        if group != self.group:
+            if self.group is not None:
+                self.attempt += 1
+                self.reports.clear()
+                await self.events.put({
+                    "kind": "restart", "attempt": self.attempt, "checkpoint": self.latest_checkpoint,
+                })
+            self.group = group
         await self.events.put({"kind": "started", "rank": rank, "pid": pid})
         return {"attempt": self.attempt, "checkpoint": self.latest_checkpoint}
 
@@ -90,7 +91,7 @@ class LocalChannel:
     def __init__(self, coordinator):
         self.coordinator = coordinator
 
-    def start(self, rank: int, pid: int) -> dict[str, Any]:
+    def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
         self.coordinator.on_worker_started(rank, pid)
         return {"attempt": 0, "checkpoint": None}
 

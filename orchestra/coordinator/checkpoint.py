@@ -91,10 +91,6 @@ class Checkpoint(CoordinatorCallback):
                 best = entry
         return best or (self.saved[-1] if self.saved else None)
 
-    @property
-    def latest(self) -> dict[str, Any] | None:
-        return self.saved[-1] if self.saved else None
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,

@@ -18,7 +18,7 @@ class Coordinator:
     keeps the job record true after every event.
 
     Args:
-        record: the job's record (already RUNNING).
+        record: the job's record.
         storage: where the record is written.
         callbacks: driver-side callbacks, called in this order.
         progress: called with each epoch's result (the CLI prints a line).
@@ -39,6 +39,7 @@ class Coordinator:
         self.fallback = Monitor(fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
         for callback in callbacks:
             callback.on_job_start(record.job_id)
+        self.initial_state = self.state_dict()
 
     def on_worker_started(self, rank: int, pid: int) -> None:
         self.record.worker_pids = {**self.record.worker_pids, str(rank): pid}
@@ -66,6 +67,7 @@ class Coordinator:
         """Ray Train restarted the workers: roll back to their checkpoint."""
         self.record.restarts += 1
         resume_epoch = 0
+        self.load_state_dict(self.initial_state)
         if checkpoint is not None:
             state = Storage.read_checkpoint_state(Path(checkpoint["path"]))
             self.load_state_dict(state["callbacks"])
