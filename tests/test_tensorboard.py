@@ -96,8 +96,10 @@ def test_series_grow_while_the_job_runs(tmp_path, mnist_dir):
     from orchestra.dispatch import create_job, run_in_process
     from orchestra.preflight import preflight
 
-    spec = JobSpec.model_validate(small_spec(**{"data.train_size": 6000, "fit.epochs": 25,
-                                                "callbacks.early_stopping": None}))
+    # Slow enough to watch: 1,000 steps an epoch, one step per call.
+    spec = JobSpec.model_validate(small_spec(**{"data.train_size": 20000, "fit.epochs": 8,
+                                                "callbacks.early_stopping": None,
+                                                "performance.steps_per_execution": 1}))
     prepared = preflight(spec, storage=str(tmp_path), datasets=str(mnist_dir), check_cluster=False)
     record = create_job(prepared, in_process=True)
     with board(tmp_path, record.job_id, extra=("--reload-interval", "1")) as base:
@@ -111,7 +113,7 @@ def test_series_grow_while_the_job_runs(tmp_path, mnist_dir):
                 pass
             time.sleep(0.5)
         runner.join()
-    growing = sorted(set(n for n in seen if 0 < n < 25))
+    growing = sorted(set(n for n in seen if 0 < n < 8))
     assert len(growing) >= 3, seen  # several sizes seen before the job ended
 
 
