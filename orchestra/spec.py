@@ -403,26 +403,53 @@ class SpecError(Exception):
 
 def problems_of(error: ValidationError) -> list[tuple[str, str]]:
     """Pydantic's errors as (dotted field path, message naming what is allowed)."""
-    problems = []
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "(spec)"
-        message = item["msg"].removeprefix("Value error, ")
+        loc = item["loc"]
+        parts = _field_path(loc[:-1]) + [loc[-1]] if item["type"] == "extra_forbidden" else _field_path(loc)
+        path = ".".join(str(part) for part in parts) or "(spec)"
+        message = item["msg"].removeprefix("Value error, ").replace("Field required", "required")
         if _PATH_END in message:
             for line in message.splitlines():
                 field, _, text = line.partition(_PATH_END)
-                problems.append((".".join(filter(None, [path if path != "(spec)" else "", field])), text))
+                problems.setdefault(".".join(filter(None, [path if path != "(spec)" else "", field])), []).append(text)
             continue
         if item["type"] == "extra_forbidden":
             message = "unknown field"
-            parent = _model_at(item["loc"][:-1])
+            parent = _model_at(tuple(parts[:-1]))
             if parent is not None:
                 message += f"; allowed: {', '.join(parent.model_fields)}"
-        message = message.replace("Input should be", "must be")
+        problems.setdefault(path, []).append(message.replace("Input should be", "must be"))
         value = item.get("input")
         if item["type"] != "extra_forbidden" and isinstance(value, (int, float, str, bool)) and len(repr(value)) < 60:
-            message += f" (got {value!r})"
-        problems.append((path, message))
-    return problems
+            problems[path][-1] += f" (got {value!r})"
+    # A union member that got further (`compile.optimizer.learning_rate`) says
+    # more than the members that did not (`compile.optimizer`: not a string).
+    deeper = [path for path in problems if any(other.startswith(path + ".") for other in problems)]
+    for path in deeper:
+        del problems[path]
+    # One line a field: a value that fits none of a union's members gets each member's rule.
+    return [(path, " — or ".join(dict.fromkeys(messages))) for path, messages in problems.items()]
+
+
+def _field_path(loc: tuple) -> list:
+    """A Pydantic error location without the union members it names
+    (`int`, `literal['auto']`, `OptimizerSpec`, …): only the fields."""
+    path: list = []
+    model: Any = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+        elif isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            path.append(part)
+            model = _first_model(model.model_fields[part].annotation)
+        elif isinstance(model, type) and issubclass(model, BaseModel) and model.model_config.get("extra") == "allow":
+            path.append(part)
+        elif part == getattr(model, "__name__", None):
+            continue
+        elif isinstance(part, str) and part[:1].isupper():  # a union member that is a spec class
+            model = globals().get(part, model)
+    return path
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -82,6 +82,15 @@ def test_malformed_json():
      "allowed: loss, accuracy, val_loss, val_accuracy"),
     ({"scaling.workers": 0}, "scaling.workers", "greater than or equal to 1"),
     ({"name": "../escape"}, "name", "should match pattern"),
+    ({"performance.steps_per_execution": 0}, "performance.steps_per_execution",
+     "must be greater than or equal to 1 (got 0) — or must be 'auto'"),
+    ({"compile.optimizer": {"type": "adam", "lr": 1}}, "compile.optimizer.lr",
+     "unknown field; allowed: type, learning_rate, momentum"),
+    ({"compile.optimizer": {"type": "adam", "learning_rate": -1}}, "compile.optimizer.learning_rate",
+     "greater than 0 (got -1)"),
+    ({"performance.steps_per_execution": 5, "callbacks.tensorboard": {"update_freq": "batch"}},
+     "performance.steps_per_execution", "hides all but every 5th batch"),
+    ({"model.layers": [{"units": 3}]}, "model.layers.0.type", "required"),
 ])
 def test_bad_field_is_named_with_what_is_allowed(overrides, path, expected):
     found = problems(small_spec(**overrides))
@@ -113,6 +122,8 @@ def orchestra_cli(*args, env=None):
     ({"compile.loss": "categorical_crossentropyy"}, "compile.loss: unknown loss"),
     ({"compile.metrics": ["acuracy"]}, "compile.metrics.0: unknown metric 'acuracy'; did you mean 'accuracy'"),
     ({"model.layers": [{"type": "Dense", "unit": 3}]}, "model.layers.0: Dense:"),
+    ({"compile.optimizer": {"type": "adam", "momentum": 0.9}}, "compile.optimizer: adam:"),
+    ({"data.train_size": 10}, "fit.batch_size: 20 is larger than the 10 training examples"),
     ({"data.source": "nosuch"}, "data.source: 'nosuch' is neither an .npz path nor a dataset in"),
     ({"scaling.workers": 64}, "scaling.workers: 64 workers x 1 CPU need 64 CPUs"),
 ])
