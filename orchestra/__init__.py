@@ -5,8 +5,8 @@
     callbacks) → storage / TensorBoard → client and CLI
 """
 
-from orchestra.client import Client, JobStatus, load_model
-from orchestra.record import JobRecord, JobState
+from orchestra.client import Client, load_model
+from orchestra.record import JobRecord, JobState, JobStatus
 from orchestra.spec import JobSpec, SpecError, load_spec
 
 __all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "SpecError", "load_model", "load_spec"]

@@ -125,9 +125,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {record.job_id}: stopped", file=sys.stderr)
         return EXIT_JOB_FAILED
     if args.json:
-        print(json.dumps(record.status(), indent=1))
+        print(json.dumps(record.status().model_dump(mode="json"), indent=1))
     else:
-        print(_summary(record.status()))
+        print(_summary(record.status().model_dump(mode="json")))
     return EXIT_OK if record.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
 
 

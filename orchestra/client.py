@@ -12,35 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
-from orchestra.record import JobState
+from orchestra.record import JobStatus
 from orchestra.storage import Storage, storage_root
-
-
-class JobStatus(BaseModel):
-    """A job's status; the same fields as `orchestra status --json`."""
-
-    job_id: str
-    name: str
-    state: JobState
-    reason: str | None
-    workers: int
-    mode: str
-    epochs_completed: int
-    stopped_epoch: int | None
-    best_epoch: int | None
-    best_value: float | None
-    monitor: str | None
-    metrics: dict[str, int | float]
-    checkpoint: str | None
-    model: str | None
-    tensorboard_logdir: str | None
-    test_metrics: dict[str, float] | None
-    created_at: float
-    started_at: float | None
-    ended_at: float | None
-    restarts: int
 
 
 class Client:
@@ -51,11 +24,11 @@ class Client:
         self.storage = Storage(storage_root(storage))
 
     def status(self, job_id: str) -> JobStatus:
-        return JobStatus(**self.storage.read_record(job_id).status())
+        return self.storage.read_record(job_id).status()
 
     def list(self) -> list[JobStatus]:
         """Every job, newest first."""
-        return [JobStatus(**record.status()) for record in self.storage.records()]
+        return [record.status() for record in self.storage.records()]
 
     def metrics(self, job_id: str) -> list[dict[str, float]]:
         """The per-epoch history of the whole job."""

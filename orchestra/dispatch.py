@@ -129,7 +129,7 @@ def run_in_process(
         coordinator = _coordinator(prepared, record, progress)
         record.transition(JobState.RUNNING)
         prepared.storage.write_record(record)
-        train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
+        train(prepared.spec, _worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
               LocalChannel(coordinator))
         _end(prepared, record, JobState.SUCCEEDED, None)
     return record

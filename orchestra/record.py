@@ -50,6 +50,33 @@ class CheckpointEntry(BaseModel):
     value: float | None = None
 
 
+class JobStatus(BaseModel):
+    """A job's status; the same fields as `orchestra status --json`."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    job_id: str
+    name: str
+    state: JobState
+    reason: str | None
+    workers: int
+    mode: Literal["ray", "in_process"]
+    epochs_completed: int
+    stopped_epoch: int | None
+    best_epoch: int | None
+    best_value: float | None
+    monitor: str | None
+    metrics: dict[str, int | float] = Field(description="The last epoch's history entry.")
+    checkpoint: str | None = Field(description="The best checkpoint.")
+    model: str | None = Field(description="The model training ended with.")
+    tensorboard_logdir: str | None
+    test_metrics: dict[str, float] | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    restarts: int
+
+
 class JobRecord(BaseModel):
     """Everything known about one job. Epochs are counted from 1, as Keras
     prints them: `stopped_epoch` 146 is Keras's `stopped_epoch + 1`."""
@@ -96,27 +123,11 @@ class JobRecord(BaseModel):
         if new.is_terminal:
             self.ended_at = now
 
-    def status(self) -> dict[str, Any]:
-        """The object `orchestra status --json` prints."""
-        return {
-            "job_id": self.job_id,
-            "name": self.name,
-            "state": self.state.value,
-            "reason": self.reason,
-            "workers": self.workers,
-            "mode": self.mode,
-            "epochs_completed": self.epochs_completed,
-            "stopped_epoch": self.stopped_epoch,
-            "best_epoch": self.best_epoch,
-            "best_value": self.best_value,
-            "monitor": self.monitor,
-            "metrics": self.history[-1] if self.history else {},
-            "checkpoint": self.best_checkpoint,
-            "model": self.model_path,
-            "tensorboard_logdir": self.tensorboard_logdir,
-            "test_metrics": self.test_metrics,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "restarts": self.restarts,
-        }
+    def status(self) -> JobStatus:
+        """What `orchestra status --json` prints and `Client.status` returns."""
+        return JobStatus(
+            **self.model_dump(include=set(JobStatus.model_fields) & set(JobRecord.model_fields)),
+            metrics=self.history[-1] if self.history else {},
+            checkpoint=self.best_checkpoint,
+            model=self.model_path,
+        )

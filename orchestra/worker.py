@@ -115,10 +115,10 @@ def train_loop(config: dict[str, Any]) -> None:
         )
     else:
         strategy = tf.distribute.get_strategy()
-    train(config, context.get_world_rank(), world_size, strategy, RayChannel(config["channel"]))
+    train(spec, config, context.get_world_rank(), world_size, strategy, RayChannel(config["channel"]))
 
 
-def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel) -> None:
+def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, channel) -> None:
     """Train one replica of the job with Keras's `fit`: under
     MultiWorkerMirroredStrategy on a Ray worker, or under TensorFlow's
     default strategy for the in-process reference run (rank 0 of 1)."""
@@ -126,9 +126,7 @@ def train(config: dict[str, Any], rank: int, world_size: int, strategy, channel)
 
     from orchestra import data as data_lib
     from orchestra.model import build_model
-    from orchestra.spec import JobSpec
 
-    spec = JobSpec.model_validate(config["spec"])
     start = channel.start(rank, os.getpid(), worker_group())
     npz = Path(config["npz_path"]) if config["npz_path"] else None
     arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))

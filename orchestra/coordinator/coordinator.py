@@ -83,7 +83,7 @@ class Coordinator:
         self.record.model_path = final.get("model_path")
         self._refresh_record()
         for callback in self.callbacks:
-            callback.on_job_end(self.record.status())
+            callback.on_job_end(self.record.status().model_dump(mode="json"))
 
     def state_dict(self) -> dict[str, Any]:
         return {type(cb).__name__: cb.state_dict() for cb in self.callbacks}
