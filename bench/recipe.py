@@ -46,7 +46,7 @@ def main() -> None:
 
     work = read_workload()
     timing_dir = tempfile.mkdtemp(dir=scratch_dir())
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     TensorflowTrainer(
         train_func,
         train_loop_config={"work": work.__dict__, "timing_dir": timing_dir},

@@ -23,16 +23,23 @@ POLL_SECONDS = 0.5
 
 
 def ensure_ray(show_worker_output: bool = False) -> None:
-    """Start an embedded local Ray, unless this process is already connected
-    to one. Workers' output (Keras's progress with `fit.verbose`) reaches
-    this terminal only when asked for."""
+    """Connect to Ray, unless this process already is: to the cluster when
+    running as a Ray job's driver (Ray Jobs sets RAY_ADDRESS to its GCS),
+    else to a new embedded local Ray, never to a stray `ray start` cluster
+    that happens to run on this machine. Workers' output (Keras's progress
+    with `fit.verbose`) reaches this terminal only when asked for."""
     import ray
 
     if ray.is_initialized():
         return
     # Worker prints are otherwise routed through logging and shown twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(include_dashboard=False, log_to_driver=show_worker_output, configure_logging=False)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and "://" not in address:
+        ray.init(address=address, log_to_driver=show_worker_output, configure_logging=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
+                 configure_logging=False)
 
 
 def make_callbacks(prepared: Prepared, job_id: str, workers: int) -> list[CoordinatorCallback]:
