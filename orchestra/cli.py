@@ -1,7 +1,8 @@
-"""`orchestra`: submit, validate, inspect jobs.
+"""`orchestra`: submit, validate, inspect jobs, here or on a Ray cluster.
 
-Exit codes: 0 success, 1 the job failed or was stopped, 2 bad input
-(nothing was started and no job folder was made).
+Exit codes: 0 success, 1 the job failed or was stopped, 2 bad input or an
+unreachable cluster (nothing was started and no job folder was made),
+3 `wait --timeout` ran out, 130 you stopped following a job that goes on.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import time
 from typing import Any
 
 from orchestra.board import DEFAULT_HOST, DEFAULT_PORT
+from orchestra.remote import ClusterError, submission_address
 from orchestra.spec import SpecError, json_schema, load_spec
 from orchestra.storage import StorageError
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _storage_option(parser: argparse.ArgumentParser) -> None:
@@ -26,18 +30,35 @@ def _storage_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _address_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", metavar="URL",
+        help="a Ray cluster's job server, e.g. http://HEAD:8265 (default: ORCHESTRA_ADDRESS, else RAY_ADDRESS "
+             "when it is a URL; neither: this machine)",
+    )
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestra", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     submit = verbs.add_parser("submit", help="validate a job spec and train it on Ray workers")
     submit.add_argument("spec", help="path to a JSON job spec")
+    _address_option(submit)
     _storage_option(submit)
     submit.add_argument("--workers", type=int, help="override scaling.workers")
     submit.add_argument("--datasets", metavar="DIR", help="folder of <name>.npz datasets (default: ORCHESTRA_DATASETS)")
+    submit.add_argument("--detach", action="store_true", help="print the job id and return; the job goes on")
     submit.add_argument("--in-process", action="store_true",
                         help="reference run: plain Keras fit in this process, no Ray, no distribution strategy")
-    submit.add_argument("--json", action="store_true", help="print the final status as JSON")
+    _json_option(submit)
+    # Set by orchestra itself for a driver it starts: train here, under this id, printing status lines.
+    submit.add_argument("--job-id", help=argparse.SUPPRESS)
+    submit.add_argument("--status-lines", action="store_true", help=argparse.SUPPRESS)
 
     validate = verbs.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("spec")
@@ -47,12 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = verbs.add_parser("status", help="show one job")
     status.add_argument("job_id")
+    _address_option(status)
     _storage_option(status)
-    status.add_argument("--json", action="store_true")
+    _json_option(status)
 
     listing = verbs.add_parser("list", help="list jobs, newest first")
+    _address_option(listing)
     _storage_option(listing)
-    listing.add_argument("--json", action="store_true")
+    _json_option(listing)
+
+    logs = verbs.add_parser("logs", help="print a job's driver output")
+    logs.add_argument("job_id")
+    _address_option(logs)
+    _storage_option(logs)
+
+    cancel = verbs.add_parser("cancel", help="stop a job and its workers")
+    cancel.add_argument("job_id")
+    _address_option(cancel)
+    _storage_option(cancel)
+    _json_option(cancel)
+
+    wait = verbs.add_parser("wait", help="wait until a job has ended; exit 0 if it succeeded")
+    wait.add_argument("job_id")
+    _address_option(wait)
+    _storage_option(wait)
+    wait.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 3)")
+    _json_option(wait)
 
     board = verbs.add_parser("tensorboard", help="serve jobs' TensorBoard runs until interrupted")
     board.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to show (default: every job in the storage)")
@@ -79,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except StorageError as exc:
+    except (StorageError, ClusterError) as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def _prepare(args: argparse.Namespace):
+    from orchestra.dispatch import cluster_address
     from orchestra.preflight import preflight
 
     if args.workers is not None and args.workers < 1:
@@ -94,7 +136,7 @@ def _prepare(args: argparse.Namespace):
         raise SpecError([("--workers", "does not go with --in-process, which trains in one process")], args.spec)
     spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
     return preflight(spec, storage=args.storage, datasets=args.datasets, source=args.spec,
-                     check_cluster=not in_process)
+                     check_cluster=not in_process and cluster_address() is None)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -106,10 +148,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    address = None if args.job_id else submission_address(args.address)
+    if address and args.in_process:
+        raise SpecError([("--in-process", "trains in this process; it does not go with --address")], args.spec)
+    if address or args.detach:
+        return _submit_to_client(args, address)
+    return _run_here(args)
+
+
+def _run_here(args: argparse.Namespace) -> int:
+    """Drive the job from this process, to its end."""
+    from orchestra import events
     from orchestra.dispatch import create_job, run_in_process, run_job
 
     prepared = _prepare(args)
-    record = create_job(prepared, in_process=args.in_process)
+    if args.status_lines:
+        prepared.storage.on_write = events.print_status_line
+    # Ray Jobs and `cancel` stop a driver with SIGTERM: end it as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    record = create_job(prepared, in_process=args.in_process, job_id=args.job_id)
     epochs = prepared.spec.fit.epochs
     where = "in this process (reference run)" if args.in_process else f"{record.workers} workers"
     print(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}", flush=True)
@@ -124,25 +181,75 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"job {record.job_id}: stopped", file=sys.stderr)
         return EXIT_JOB_FAILED
-    if args.json:
-        print(json.dumps(record.status().model_dump(mode="json"), indent=1))
-    else:
-        print(_summary(record.status().model_dump(mode="json")))
-    return EXIT_OK if record.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
+    if args.status_lines:  # the client that follows this driver prints the summary
+        return EXIT_OK if record.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
+    return _print_final(record.status(), args.json)
+
+
+def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
+    """Hand the job to a cluster's job server, or to a background driver
+    here; follow it to its end unless --detach."""
+    from orchestra.client import Client
+    from orchestra.model import check_keras_names
+
+    spec = load_spec(args.spec).with_overrides(workers=args.workers, source=args.spec)
+    if address:
+        # The files a spec names are the cluster's: the driver checks them there, before any worker starts.
+        problems = check_keras_names(spec)
+        if problems:
+            raise SpecError(problems, args.spec)
+    client = Client(address, storage=None if address else args.storage)
+    job_id = client.submit(spec, storage=args.storage if address else None, datasets=args.datasets)
+    print(f"job {job_id}: submitted to {address or 'a background driver on this machine'}", flush=True)
+    if args.detach:
+        return EXIT_OK
+    try:
+        status = _follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"job {job_id}: no longer followed; it goes on (orchestra cancel {job_id} stops it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return _print_final(status, args.json)
+
+
+def _follow(client, job_id: str, poll_seconds: float = 1.0):
+    """Print the driver's output as it comes, without its status lines,
+    until the job has ended; return the final status."""
+    from orchestra.events import is_status_line
+
+    printed = 0
+    while True:
+        status = client.status(job_id)
+        log = client.logs(job_id)
+        end = len(log) if status.state.is_terminal else log.rfind("\n", printed) + 1
+        for line in log[printed:end].splitlines():
+            if not is_status_line(line):
+                print(line, flush=True)
+        printed = max(printed, end)
+        if status.state.is_terminal:
+            return status
+        time.sleep(poll_seconds)
+
+
+def _print_final(status, as_json: bool) -> int:
+    print(json.dumps(status.model_dump(mode="json"), indent=1) if as_json else _summary(status.model_dump(mode="json")))
+    return EXIT_OK if status.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
+
+
+def _client(args: argparse.Namespace):
+    from orchestra.client import Client
+
+    address = submission_address(args.address)
+    return Client(address, storage=None if address else args.storage)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestra.client import Client
-
-    status = Client(args.storage).status(args.job_id).model_dump(mode="json")
+    status = _client(args).status(args.job_id).model_dump(mode="json")
     print(json.dumps(status, indent=1) if args.json else _summary(status))
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from orchestra.client import Client
-
-    statuses = [s.model_dump(mode="json") for s in Client(args.storage).list()]
+    statuses = [s.model_dump(mode="json") for s in _client(args).list()]
     if args.json:
         print(json.dumps(statuses, indent=1))
         return EXIT_OK
@@ -152,6 +259,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{s['job_id']:44} {s['state']:10} {s['epochs_completed']:>6} {best:>6}  "
               f"{s['monitor'] or '-'} {_fmt(s['best_value'])}")
     return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    sys.stdout.write(_client(args).logs(args.job_id))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    status = _client(args).cancel(args.job_id)
+    print(json.dumps(status.model_dump(mode="json"), indent=1) if args.json else _summary(status.model_dump(mode="json")))
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    try:
+        status = _client(args).wait(args.job_id, args.timeout)
+    except TimeoutError as exc:
+        print(f"orchestra: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return _print_final(status, args.json)
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
@@ -184,7 +311,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from orchestra.client import Client
     from orchestra.plot import plot_jobs
 
-    client = Client(args.storage)
+    client = Client(storage=args.storage)
     records = [client.storage.read_record(job_id) for job_id in args.jobs]
     plot_jobs(records, args.output)
     print(f"wrote {args.output}")
@@ -221,6 +348,9 @@ VERBS = {
     "validate": cmd_validate,
     "status": cmd_status,
     "list": cmd_list,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "wait": cmd_wait,
     "tensorboard": cmd_tensorboard,
     "plot": cmd_plot,
     "schema": cmd_schema,

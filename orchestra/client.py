@@ -1,4 +1,8 @@
-"""The Python client: job status, history and models from shared storage.
+"""The Python client: submit jobs, follow them, read their results.
+
+`Client()` works on this machine (background drivers with embedded Ray,
+records in the local storage); `Client("http://HEAD:8265")` works on a Ray
+cluster through its job server, from anywhere that reaches it.
 
 Example:
 
@@ -10,31 +14,87 @@ Example:
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
+from orchestra.local_jobs import LocalJobs
 from orchestra.record import JobStatus
+from orchestra.remote import RayJobs, submission_address
+from orchestra.spec import JobSpec, load_spec
 from orchestra.storage import Storage, storage_root
 
 
 class Client:
-    """Reads jobs from a storage root (default: ORCHESTRA_STORAGE or
-    ~/orchestra_storage)."""
+    """Jobs on a Ray cluster or on this machine.
 
-    def __init__(self, storage: str | None = None):
+    Args:
+        address: a Ray job server, e.g. `http://HEAD:8265` (default:
+            ORCHESTRA_ADDRESS, else RAY_ADDRESS when it is a URL; neither:
+            this machine).
+        storage: on this machine, the storage root (default:
+            ORCHESTRA_STORAGE, else ~/orchestra_storage). On a cluster the
+            storage is the cluster's, named per job in `submit`.
+    """
+
+    def __init__(self, address: str | None = None, storage: str | None = None):
+        self.address = submission_address(address)
         self.storage = Storage(storage_root(storage))
+        self._jobs = RayJobs(self.address) if self.address else LocalJobs(self.storage)
+
+    def submit(self, spec: JobSpec | str | os.PathLike, storage: str | None = None, workers: int | None = None,
+               datasets: str | None = None) -> str:
+        """Start a job and return its id at once.
+
+        Args:
+            spec: a JobSpec, or the path of a JSON spec.
+            storage: the storage root the job writes to (on a cluster, a
+                path every node shares; default: the cluster's
+                ORCHESTRA_STORAGE, else the spec's `storage`).
+            workers: overrides `scaling.workers`.
+            datasets: the dataset directory, where the job runs.
+        """
+        if not isinstance(spec, JobSpec):
+            spec = load_spec(spec)
+        return self._jobs.submit(spec, storage=storage, workers=workers, datasets=datasets)
 
     def status(self, job_id: str) -> JobStatus:
-        return self.storage.read_record(job_id).status()
+        return self._jobs.status(job_id)
 
     def list(self) -> list[JobStatus]:
         """Every job, newest first."""
-        return [record.status() for record in self.storage.records()]
+        return self._jobs.list()
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_seconds: float = 1.0) -> JobStatus:
+        """Block until the job has ended; return its final status.
+        Raises TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(job_id)
+            if status.state.is_terminal:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {status.state.value} after {timeout:g} s")
+            time.sleep(poll_seconds)
 
     def metrics(self, job_id: str) -> list[dict[str, float]]:
         """The per-epoch history of the whole job."""
-        return self.storage.read_record(job_id).history
+        return self._jobs.metrics(job_id)
+
+    def logs(self, job_id: str) -> str:
+        """The driver's output."""
+        return self._jobs.logs(job_id)
+
+    def cancel(self, job_id: str, timeout: float = 60.0) -> JobStatus:
+        """Stop the job (its workers end with it); return its final status."""
+        self._jobs.cancel(job_id)
+        return self.wait(job_id, timeout, poll_seconds=0.5)
 
     def load_model(self, job_id: str, checkpoint: str | None = None):
+        return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
+
+
+def load_model(self, job_id: str, checkpoint: str | None = None):
         return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
 
 

@@ -22,20 +22,27 @@ from orchestra.spec import CheckpointSpec, JobSpec
 POLL_SECONDS = 0.5
 
 
+def cluster_address() -> str | None:
+    """The GCS address of the Ray cluster this process is a job driver of
+    (Ray Jobs sets RAY_ADDRESS for its drivers), or None: embedded Ray."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address and "://" not in address else None
+
+
 def ensure_ray(show_worker_output: bool = False) -> None:
     """Connect to Ray, unless this process already is: to the cluster when
-    running as a Ray job's driver (Ray Jobs sets RAY_ADDRESS to its GCS),
-    else to a new embedded local Ray, never to a stray `ray start` cluster
-    that happens to run on this machine. Workers' output (Keras's progress
-    with `fit.verbose`) reaches this terminal only when asked for."""
+    running as a Ray job's driver, else to a new embedded local Ray, never
+    to a stray `ray start` cluster that happens to run on this machine.
+    Workers' output (Keras's progress with `fit.verbose`) reaches this
+    terminal only when asked for."""
     import ray
 
     if ray.is_initialized():
         return
     # Worker prints are otherwise routed through logging and shown twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address and "://" not in address:
+    address = cluster_address()
+    if address:
         ray.init(address=address, log_to_driver=show_worker_output, configure_logging=False)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
@@ -84,10 +91,11 @@ def _layer_label(kind: str, arguments: dict[str, Any]) -> str:
     return kind if main is None else f"{kind}({main})"
 
 
-def create_job(prepared: Prepared, in_process: bool = False) -> JobRecord:
-    """The job's folder and PENDING record: the first thing written."""
+def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None) -> JobRecord:
+    """The job's folder and PENDING record: the first thing written. A job
+    submitted through a client comes with the id the client returned."""
     spec = prepared.spec
-    job_id = prepared.storage.new_job_id(spec.name)
+    job_id = job_id or prepared.storage.new_job_id(spec.name)
     prepared.storage.create_job_dir(job_id)
     record = JobRecord(
         job_id=job_id,
@@ -211,7 +219,8 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
         except BaseException as exc:  # noqa: BLE001 - reported on the record
             outcome["error"] = exc
 
-    record.transition(JobState.RUNNING)
+    # RUNNING once every worker has started (Coordinator.on_worker_started).
+    record.reason = _waiting_reason(spec)
     storage.write_record(record)
     thread = threading.Thread(target=fit, name=f"fit-{record.job_id}", daemon=True)
     thread.start()
@@ -223,6 +232,14 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
         _end(prepared, record, JobState.FAILED, _error_text(outcome["error"]))
     else:
         _end(prepared, record, JobState.SUCCEEDED, None)
+
+
+def _waiting_reason(spec: JobSpec) -> str:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return (f"waiting for resources: {spec.scaling.workers} workers x {spec.scaling.cpus_per_worker:g} CPU "
+            f"(the cluster has {cpus:g} CPU in all)")
 
 
 def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:

@@ -58,23 +58,23 @@ class JobStatus(BaseModel):
     job_id: str
     name: str
     state: JobState
-    reason: str | None
+    reason: str | None = None
     workers: int
-    mode: Literal["ray", "in_process"]
-    epochs_completed: int
-    stopped_epoch: int | None
-    best_epoch: int | None
-    best_value: float | None
-    monitor: str | None
-    metrics: dict[str, int | float] = Field(description="The last epoch's history entry.")
-    checkpoint: str | None = Field(description="The best checkpoint.")
-    model: str | None = Field(description="The model training ended with.")
-    tensorboard_logdir: str | None
-    test_metrics: dict[str, float] | None
+    mode: Literal["ray", "in_process"] = "ray"
+    epochs_completed: int = 0
+    stopped_epoch: int | None = None
+    best_epoch: int | None = None
+    best_value: float | None = None
+    monitor: str | None = None
+    metrics: dict[str, int | float] = Field(default_factory=dict, description="The last epoch's history entry.")
+    checkpoint: str | None = Field(default=None, description="The best checkpoint.")
+    model: str | None = Field(default=None, description="The model training ended with.")
+    tensorboard_logdir: str | None = None
+    test_metrics: dict[str, float] | None = None
     created_at: float
-    started_at: float | None
-    ended_at: float | None
-    restarts: int
+    started_at: float | None = None
+    ended_at: float | None = None
+    restarts: int = 0
 
 
 class JobRecord(BaseModel):

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from orchestra.record import JobRecord
 
@@ -45,6 +46,11 @@ def check_job_id(job_id: str) -> str:
             "starting with a letter or digit"
         )
     return job_id
+
+
+def new_job_id(name: str) -> str:
+    """`<name>-<date>-<time>-<4 hex>`: sorts by submission, unique without a lookup."""
+    return check_job_id(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -78,6 +84,8 @@ class Storage:
 
     def __init__(self, root: Path):
         self.root = root
+        # Called with every record written (a Ray job's driver prints it for the client).
+        self.on_write: Callable[[JobRecord], None] | None = None
 
     def check_writable(self) -> None:
         try:
@@ -88,7 +96,7 @@ class Storage:
             raise StorageError(f"storage root {self.root} is not writable: {exc.strerror}") from None
 
     def new_job_id(self, name: str) -> str:
-        return check_job_id(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+        return new_job_id(name)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / check_job_id(job_id)
@@ -109,6 +117,8 @@ class Storage:
 
     def write_record(self, record: JobRecord) -> None:
         atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
+        if self.on_write is not None:
+            self.on_write(record)
 
     def read_record(self, job_id: str) -> JobRecord:
         path = self.job_dir(job_id) / RECORD_FILE

@@ -9,7 +9,7 @@ from orchestra.coordinator.aggregate import aggregate
 from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult, WorkerReport
 from orchestra.coordinator.checkpoint import Checkpoint
 from orchestra.coordinator.monitor import Monitor, early_stopping_mode
-from orchestra.record import JobRecord
+from orchestra.record import JobRecord, JobState
 from orchestra.storage import Storage
 
 
@@ -42,7 +42,10 @@ class Coordinator:
         self.initial_state = self.state_dict()
 
     def on_worker_started(self, rank: int, pid: int) -> None:
+        """A PENDING job runs once Ray has placed and started all its workers."""
         self.record.worker_pids = {**self.record.worker_pids, str(rank): pid}
+        if self.record.state is JobState.PENDING and len(self.record.worker_pids) == self.record.workers:
+            self.record.transition(JobState.RUNNING)
         self.storage.write_record(self.record)
 
     def on_epoch(self, reports: list[dict[str, Any]]) -> Decision:

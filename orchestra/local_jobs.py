@@ -1,0 +1,116 @@
+"""Jobs on this machine, each driven by its own background `orchestra submit`.
+
+The embedded default for `Client()` and `orchestra submit --detach`: a
+driver process per job, with its own embedded Ray, outliving the Python
+session that started it. Its output goes to `<storage>/.drivers/<job>.log`
+beside its pid, and the job record in the storage is the status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from orchestra.record import JobState, JobStatus
+from orchestra.spec import JobSpec
+from orchestra.storage import Storage, StorageError, check_job_id, new_job_id, storage_root
+
+DRIVERS_DIR = ".drivers"
+
+_children: dict[int, subprocess.Popen] = {}  # reaped on status, so none lingers as a zombie
+
+
+class LocalJobs:
+    """Jobs whose records are in `storage` and whose drivers run here."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.drivers = storage.root / DRIVERS_DIR
+
+    def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
+               datasets: str | None = None) -> str:
+        """Check the spec as `orchestra submit` would (SpecError before
+        anything starts), then start its driver in the background."""
+        from orchestra.preflight import preflight
+
+        if storage is not None and storage_root(storage) != self.storage.root:
+            raise StorageError(f"this client reads jobs from {self.storage.root}: make a Client(storage={storage!r})")
+        spec = spec.with_overrides(workers=workers)
+        preflight(spec, storage=str(self.storage.root), datasets=datasets)
+        job_id = new_job_id(spec.name)
+        self.drivers.mkdir(parents=True, exist_ok=True)
+        spec_file = self.drivers / f"{job_id}.json"
+        spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
+        command = [sys.executable, "-m", "orchestra.cli", "submit", str(spec_file), "--job-id", job_id,
+                   "--storage", str(self.storage.root)]
+        if datasets is not None:
+            command += ["--datasets", datasets]
+        with open(self.drivers / f"{job_id}.log", "w") as log:
+            driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        _children[driver.pid] = driver
+        (self.drivers / f"{job_id}.pid").write_text(str(driver.pid))
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        try:
+            return self.storage.read_record(job_id).status()
+        except StorageError:
+            pid = self._pid(job_id)
+            if pid is None:
+                raise
+        spec = json.loads((self.drivers / f"{job_id}.json").read_text())
+        started = (self.drivers / f"{job_id}.pid").stat().st_mtime
+        placeholder = dict(job_id=job_id, name=spec["name"], workers=spec["scaling"]["workers"], created_at=started)
+        if _alive(pid):
+            return JobStatus(state=JobState.PENDING, reason="the driver is starting", **placeholder)
+        lines = [line for line in self.logs(job_id).splitlines() if line.strip()]
+        reason = " / ".join(lines[-4:]) or "the driver ended before writing a record"
+        return JobStatus(state=JobState.FAILED, reason=reason[:2000], **placeholder)
+
+    def list(self) -> list[JobStatus]:
+        return [record.status() for record in self.storage.records()]
+
+    def metrics(self, job_id: str) -> list[dict[str, int | float]]:
+        return self.storage.read_record(job_id).history
+
+    def logs(self, job_id: str) -> str:
+        path = self.drivers / f"{check_job_id(job_id)}.log"
+        if not path.is_file():
+            raise StorageError(f"no driver log for job '{job_id}': only jobs submitted with --detach or "
+                               "Client.submit keep one (a foreground job printed to its terminal)")
+        return path.read_text(errors="replace")
+
+    def cancel(self, job_id: str) -> None:
+        """SIGTERM to the driver, which records STOPPED and ends its workers."""
+        pid = self._pid(job_id)
+        if pid is None:
+            raise StorageError(f"job '{job_id}' was not started in the background: stop it with Ctrl-C "
+                               "in the terminal that runs it")
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+
+    def _pid(self, job_id: str) -> int | None:
+        path = self.drivers / f"{check_job_id(job_id)}.pid"
+        return int(path.read_text()) if path.is_file() else None
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead, whoever has yet to reap it
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+

@@ -1,0 +1,143 @@
+"""Cluster mode on a real two-node Ray cluster on this machine: jobs go
+through the head's job server (Ray Jobs) with token authentication, and are
+followed from the CLI and the Python client as from a laptop."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import pytest
+
+from orchestra import Client, JobState
+from orchestra.remote import ClusterError
+from conftest import run_cli, small_spec, write_spec
+from ray_cluster import LoopbackCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, mnist_dir):
+    folder = tmp_path_factory.mktemp("cluster")
+    cluster = LoopbackCluster(folder, env={"ORCHESTRA_DATASETS": str(mnist_dir)}).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def client(cluster, monkeypatch) -> Client:
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster.token_path))
+    return Client(cluster.address)
+
+
+def quick_spec(**overrides) -> dict:
+    return small_spec(**{"fit.epochs": 3, "callbacks.early_stopping": None, **overrides})
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_cli_submit_follows_the_job_and_the_client_reads_it_back(cluster, client, tmp_path):
+    storage = tmp_path / "shared"
+    spec = write_spec(tmp_path / "quick.json", quick_spec())
+    result = run_cli("submit", spec, "--storage", storage, env=cluster.client_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.split()[1].rstrip(":")
+    assert "epoch 3/3" in result.stdout and "SUCCEEDED" in result.stdout
+    assert "@orchestra-status" not in result.stdout
+
+    record = json.loads((storage / job_id / "job.json").read_text())
+    status = client.status(job_id)
+    assert status.state is JobState.SUCCEEDED
+    assert (status.epochs_completed, status.best_epoch, status.test_metrics) == (
+        record["epochs_completed"], record["best_epoch"], record["test_metrics"])
+    assert client.metrics(job_id) == record["history"]
+    assert client.wait(job_id, timeout=5).state is JobState.SUCCEEDED
+    assert job_id in [s.job_id for s in client.list()]
+    assert "epoch 3/3" in client.logs(job_id)
+
+    cli_status = run_cli("status", job_id, "--json", env=cluster.client_env())
+    assert json.loads(cli_status.stdout) == status.model_dump(mode="json")
+
+    # one worker on each node: the head's and the second one's
+    nodes = cluster.actor_nodes(list(record["worker_pids"].values()))
+    assert len(set(nodes.values())) == 2, nodes
+
+
+def test_a_job_that_cannot_be_placed_waits_pending_and_cancel_stops_it(cluster, client, tmp_path):
+    job_id = client.submit(write_spec(tmp_path / "big.json", quick_spec(**{"scaling.cpus_per_worker": 2})),
+                           storage=str(tmp_path / "shared"))
+    pending = wait_for(lambda: (s := client.status(job_id)).reason and "waiting for resources" in s.reason and s,
+                       120, "the pending reason")
+    assert pending.state is JobState.PENDING
+    assert "2 workers x 2 CPU" in pending.reason and "2 CPU in all" in pending.reason
+    time.sleep(5)
+    assert client.status(job_id).state is JobState.PENDING
+    final = client.cancel(job_id)
+    assert final.state is JobState.STOPPED
+
+
+def test_two_jobs_at_once_then_cancel_one_and_its_workers_end(cluster, client, tmp_path):
+    storage = tmp_path / "shared"
+    half_cpu = {"scaling.cpus_per_worker": 0.5}
+    long_job = client.submit(write_spec(tmp_path / "long.json", quick_spec(**half_cpu, **{"fit.epochs": 500})),
+                             storage=str(storage))
+    wait_for(lambda: client.status(long_job).epochs_completed >= 2, 300, "two epochs of the long job")
+    short_job = client.submit(write_spec(tmp_path / "short.json", quick_spec(**half_cpu)), storage=str(storage))
+    assert client.wait(short_job, timeout=300).state is JobState.SUCCEEDED
+    assert client.status(long_job).state is JobState.RUNNING, "the long job should still be running"
+    for job in (long_job, short_job):
+        assert (storage / job / "job.json").is_file()
+        assert list((storage / job / "tensorboard" / "validation").glob("events.out.tfevents.*"))
+
+    final = client.cancel(long_job)
+    assert final.state is JobState.STOPPED
+    assert final.epochs_completed >= 2
+    assert final.reason.startswith(("interrupted after epoch", "cancelled after epoch"))
+    pids = json.loads((storage / long_job / "job.json").read_text())["worker_pids"].values()
+    wait_for(lambda: not any(_running(pid) for pid in pids), 60, "the workers to end")
+    assert run_cli("status", long_job, env=cluster.client_env()).stdout.split()[2] == "STOPPED"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_missing_or_wrong_token_is_a_clear_error(cluster, tmp_path):
+    env = {k: v for k, v in cluster.client_env().items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    missing = run_cli("list", env=env)
+    assert missing.returncode == 2
+    assert "asks for a token and none was sent" in missing.stderr and "Traceback" not in missing.stderr
+
+    wrong = run_cli("list", env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 2
+    assert "refused the token" in wrong.stderr and "Traceback" not in wrong.stderr
+    token = cluster.token_path.read_text()
+    assert "not-the-token" not in wrong.stderr + wrong.stdout and token not in wrong.stderr + wrong.stdout
+
+
+def test_bad_input_is_refused_before_anything_reaches_the_cluster(cluster, client, tmp_path):
+    before = {s.job_id for s in client.list()}
+    bad = write_spec(tmp_path / "bad.json", quick_spec(**{"model.layers": [{"type": "Dense2", "units": 3}]}))
+    result = run_cli("submit", bad, env=cluster.client_env())
+    assert result.returncode == 2
+    assert "model.layers.0.type" in result.stderr and "Dense" in result.stderr
+    unknown = run_cli("status", "no-such-job", env=cluster.client_env())
+    assert unknown.returncode == 2 and "no job 'no-such-job'" in unknown.stderr
+    assert {s.job_id for s in client.list()} == before
+    with pytest.raises(ClusterError, match="cannot reach"):
+        Client("http://127.0.0.1:9")
