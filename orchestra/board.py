@@ -16,6 +16,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
 
 
+WHOLE_STORAGE = "*"  # the key of a storage root served whole, new jobs included
+
+
 class BoardError(Exception):
     pass
 
@@ -45,8 +48,15 @@ def next_free_port(host: str, after: int) -> int:
     raise BoardError(f"no free port near {after} on {host}")
 
 
-def job_logdirs(storage: Storage, job_ids: list[str]) -> dict[str, Path]:
-    """Each named job's TensorBoard folder (every job in storage if none is named)."""
+def job_logdirs(storage: Storage, job_ids: list[str], watch: bool = False) -> dict[str, Path]:
+    """Each named job's TensorBoard folder (every job in storage if none is
+    named); with `watch`, the storage root itself, so that TensorBoard finds
+    jobs started later too (a long-running TensorBoard service)."""
+    if watch:
+        if job_ids:
+            raise BoardError("--watch serves every job in the storage: name no jobs with it")
+        storage.root.mkdir(parents=True, exist_ok=True)
+        return {WHOLE_STORAGE: storage.root}
     if not job_ids:
         job_ids = [record.job_id for record in storage.records()]
         if not job_ids:
@@ -67,9 +77,12 @@ def serve(logdirs: dict[str, Path], host: str = DEFAULT_HOST, port: int = DEFAUL
     from tensorboard import program
 
     board = program.TensorBoard()
-    spec = ",".join(f"{name}:{path}" for name, path in logdirs.items())
+    if list(logdirs) == [WHOLE_STORAGE]:
+        where = ["--logdir", str(logdirs[WHOLE_STORAGE])]
+    else:
+        where = ["--logdir_spec", ",".join(f"{name}:{path}" for name, path in logdirs.items())]
     board.configure(argv=[
-        "tensorboard", "--logdir_spec", spec, "--host", host, "--port", str(port),
+        "tensorboard", *where, "--host", host, "--port", str(port),
         "--reload_interval", str(reload_interval), "--load_fast", "false",
     ])
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from typing import Any
@@ -56,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--in-process", action="store_true",
                         help="reference run: plain Keras fit in this process, no Ray, no distribution strategy")
     _json_option(submit)
-    # Set by orchestra itself for a driver it starts: train here, under this id, printing status lines.
-    submit.add_argument("--job-id", help=argparse.SUPPRESS)
-    submit.add_argument("--status-lines", action="store_true", help=argparse.SUPPRESS)
+    # For drivers that Ray Jobs or KubeRay start (orchestra's own client passes them too).
+    submit.add_argument("--job-id", help="train here, under this job id (a Ray job's submission id)")
+    submit.add_argument("--status-lines", action="store_true",
+                        help="print a status line per record write, for clients that read the driver's log")
 
     validate = verbs.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("spec")
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--host", default=DEFAULT_HOST,
                        help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 exposes it to the network)")
     board.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    board.add_argument("--watch", action="store_true",
+                       help="serve the whole storage, jobs started later included (runs: <job>/tensorboard/...)")
     board.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                        help="how often TensorBoard reads new events (default 5)")
 
@@ -164,8 +166,6 @@ def _run_here(args: argparse.Namespace) -> int:
     prepared = _prepare(args)
     if args.status_lines:
         prepared.storage.on_write = events.print_status_line
-    # Ray Jobs and `cancel` stop a driver with SIGTERM: end it as Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     record = create_job(prepared, in_process=args.in_process, job_id=args.job_id)
     epochs = prepared.spec.fit.epochs
     where = "in this process (reference run)" if args.in_process else f"{record.workers} workers"
@@ -291,7 +291,7 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
         print(f"orchestra: --port must be between 1 and 65535, not {args.port}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        logdirs = job_logdirs(Storage(storage_root(args.storage)), args.jobs)
+        logdirs = job_logdirs(Storage(storage_root(args.storage)), args.jobs, args.watch)
         if not is_loopback(args.host):
             print(f"warning: TensorBoard has no authentication; anyone who can reach {args.host}:{args.port} "
                   "can read these runs", file=sys.stderr)
@@ -299,7 +299,8 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     except BoardError as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"TensorBoard for {len(logdirs)} job(s) at {url} (Ctrl-C to stop)", flush=True)
+    what = f"every job in {args.storage or 'the storage'}, new ones included" if args.watch else f"{len(logdirs)} job(s)"
+    print(f"TensorBoard for {what} at {url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(3600)

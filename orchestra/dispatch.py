@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import threading
 from typing import Any, Callable
 
@@ -47,6 +48,13 @@ def ensure_ray(show_worker_output: bool = False) -> None:
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
                  configure_logging=False)
+
+
+def stop_on_sigterm() -> None:
+    """Ray Jobs' stop and `orchestra cancel` send SIGTERM: end the job as
+    Ctrl-C does (STOPPED, workers released), not with a dead driver."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def make_callbacks(prepared: Prepared, job_id: str, workers: int) -> list[CoordinatorCallback]:
@@ -140,6 +148,7 @@ def run_in_process(
     from orchestra.keras_compat import tensorflow
     from orchestra.worker import train
 
+    stop_on_sigterm()
     with _record_outcome(prepared, record):
         coordinator = _coordinator(prepared, record, progress)
         record.transition(JobState.RUNNING)
@@ -192,6 +201,7 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
 
     spec, storage = prepared.spec, prepared.storage
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
+    stop_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
     channel = Channel.remote(spec.scaling.workers)
     coordinator = _coordinator(prepared, record, progress)
     trainer = TensorflowTrainer(

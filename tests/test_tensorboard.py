@@ -192,3 +192,18 @@ def test_batch_level_tensorboard_has_every_step(tmp_path, mnist_dir):
     assert [step for _, step, _ in series] == list(range(1, 3 * steps + 1))
     # Keras's batch logs are the running mean of the epoch: the last one is the epoch's loss.
     assert series[steps - 1][2] == pytest.approx(record.history[0]["loss"], rel=1e-6)
+
+
+def test_watch_serves_jobs_that_appear_after_it_started(tmp_path, finished_job):
+    storage = tmp_path / "storage"
+    with board(storage, extra=("--watch", "--reload-interval", "1")) as base:
+        assert get_json(f"{base}/data/runs") == []
+        job = finished_job["job_id"]
+        shutil.copytree(finished_job["storage"] / job, storage / job)
+        deadline = time.time() + 60
+        while f"{job}/tensorboard/validation" not in get_json(f"{base}/data/runs"):
+            assert time.time() < deadline, get_json(f"{base}/data/runs")
+            time.sleep(1)
+        points = scalars(base, f"{job}/tensorboard/validation", "epoch_loss")
+        assert [p[2] for p in points] == pytest.approx(
+            [h["val_loss"] for h in finished_job["record"]["history"]], rel=1e-6)

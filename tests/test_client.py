@@ -1,0 +1,55 @@
+"""`Client()` with no address: jobs on this machine, each driven by a
+background `orchestra submit` with its own embedded Ray."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import pytest
+
+from conftest import run_cli, small_spec, write_spec
+from orchestra import Client, JobState, SpecError
+
+pytestmark = pytest.mark.integration
+
+
+def test_local_client_submits_follows_and_cancels(tmp_path, mnist_dir):
+    storage = tmp_path / "storage"
+    client = Client(storage=str(storage))
+    spec = write_spec(tmp_path / "long.json", small_spec(**{"fit.epochs": 500, "callbacks.early_stopping": None}))
+    job_id = client.submit(spec, datasets=str(mnist_dir))
+    assert client.status(job_id).state in (JobState.PENDING, JobState.RUNNING)
+
+    deadline = time.monotonic() + 240
+    while client.status(job_id).epochs_completed < 2:
+        assert time.monotonic() < deadline, client.logs(job_id)
+        time.sleep(0.5)
+    running = client.status(job_id)
+    assert running.state is JobState.RUNNING
+    history = client.metrics(job_id)
+    assert len(history) >= 2 and [h["epoch"] for h in history[:2]] == [1, 2]
+    assert "epoch 2/500" in client.logs(job_id)
+    assert [s.job_id for s in client.list()] == [job_id]
+
+    final = client.cancel(job_id)
+    assert final.state is JobState.STOPPED and final.epochs_completed >= 2
+    record = json.loads((storage / job_id / "job.json").read_text())
+    assert record["state"] == "STOPPED"
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+              for pid in record["worker_pids"].values()):
+        assert time.monotonic() < deadline, "workers outlived their cancelled job"
+        time.sleep(0.5)
+
+    wait = run_cli("wait", job_id, "--storage", storage, "--json")
+    assert wait.returncode == 1 and json.loads(wait.stdout)["state"] == "STOPPED"
+
+
+def test_local_client_refuses_a_bad_spec_before_starting_anything(tmp_path, mnist_dir):
+    storage = tmp_path / "storage"
+    bad = write_spec(tmp_path / "bad.json", small_spec(**{"compile.loss": "categorical_crossentropyy"}))
+    with pytest.raises(SpecError, match="compile.loss"):
+        Client(storage=str(storage)).submit(bad, datasets=str(mnist_dir))
+    assert not storage.exists() or not any(storage.iterdir())
