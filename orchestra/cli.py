@@ -41,6 +41,17 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
 
+def _job_verb(verbs, name: str, help: str, json_output: bool = True) -> argparse.ArgumentParser:
+    """A verb about one job, here or on a cluster."""
+    parser = verbs.add_parser(name, help=help)
+    parser.add_argument("job_id")
+    _address_option(parser)
+    _storage_option(parser)
+    if json_output:
+        _json_option(parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestra", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -66,34 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--workers", type=int, help="override scaling.workers")
     validate.add_argument("--datasets", metavar="DIR")
 
-    status = verbs.add_parser("status", help="show one job")
-    status.add_argument("job_id")
-    _address_option(status)
-    _storage_option(status)
-    _json_option(status)
-
+    _job_verb(verbs, "status", "show one job")
     listing = verbs.add_parser("list", help="list jobs, newest first")
     _address_option(listing)
     _storage_option(listing)
     _json_option(listing)
-
-    logs = verbs.add_parser("logs", help="print a job's driver output")
-    logs.add_argument("job_id")
-    _address_option(logs)
-    _storage_option(logs)
-
-    cancel = verbs.add_parser("cancel", help="stop a job and its workers")
-    cancel.add_argument("job_id")
-    _address_option(cancel)
-    _storage_option(cancel)
-    _json_option(cancel)
-
-    wait = verbs.add_parser("wait", help="wait until a job has ended; exit 0 if it succeeded")
-    wait.add_argument("job_id")
-    _address_option(wait)
-    _storage_option(wait)
+    _job_verb(verbs, "logs", "print a job's driver output", json_output=False)
+    _job_verb(verbs, "cancel", "stop a job and its workers")
+    wait = _job_verb(verbs, "wait", "wait until a job has ended; exit 0 if it succeeded")
     wait.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 3)")
-    _json_option(wait)
 
     board = verbs.add_parser("tensorboard", help="serve jobs' TensorBoard runs until interrupted")
     board.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to show (default: every job in the storage)")
