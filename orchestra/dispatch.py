@@ -195,6 +195,7 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from orchestra.coordinator.channel import Channel
     from orchestra.worker import train_loop
@@ -202,7 +203,9 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
     spec, storage = prepared.spec, prepared.storage
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
     stop_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
-    channel = Channel.remote(spec.scaling.workers)
+    # On the driver's node, as Ray Train's controller is: the loss of a worker's node must not take it along.
+    channel = Channel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote(spec.scaling.workers)
     coordinator = _coordinator(prepared, record, progress)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
@@ -281,7 +284,10 @@ def _error_text(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
     if failures:
         rank, error = min(failures.items())
-        return f"worker {rank}: {type(error).__name__}: {error}"[:2000]
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        # Ray's worker errors run to many lines: their first says what, their last why.
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
+        return f"worker {rank}: {type(error).__name__}: {summary}"[:2000]
     text = str(exc).strip()
     for line in reversed(text.splitlines()):
         line = line.strip()

@@ -49,6 +49,7 @@ class LoopbackCluster:
         }
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []
+        self.stopped: set[int] = set()  # nodes stopped on purpose
         # Ray's Unix sockets live under its temp dir, and their paths may not exceed 107 bytes.
         self.ray_temp = tempfile.mkdtemp(prefix="orchestra-ray-", dir="/tmp")
 
@@ -70,11 +71,16 @@ class LoopbackCluster:
             raise
         return self
 
+    def add_node(self, timeout: float = 180) -> None:
+        """Join one more node, as a replacement machine would."""
+        self._start_node(f"node{len(self.nodes) + 1}", [f"--address=127.0.0.1:{self.gcs_port}"])
+        self._wait_for_nodes(len([n for n in self.nodes if n.pid not in self.stopped]), timeout)
+
     def _wait_for_nodes(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.alive_nodes() < count:
             for node in self.nodes:
-                if node.poll() is not None:
+                if node.poll() is not None and node.pid not in self.stopped:
                     raise RuntimeError(f"a Ray node exited with {node.returncode}: see {self.folder}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the cluster did not come up in {timeout} s: see {self.folder}")
@@ -112,6 +118,7 @@ class LoopbackCluster:
     def stop_node(self, index: int) -> None:
         """Stop one node and everything it started, as a lost machine would."""
         node = self.nodes[index]
+        self.stopped.add(node.pid)
         family = _family(node.pid)
         for process in family:
             try:

@@ -141,3 +141,47 @@ def test_bad_input_is_refused_before_anything_reaches_the_cluster(cluster, clien
     assert {s.job_id for s in client.list()} == before
     with pytest.raises(ClusterError, match="cannot reach"):
         Client("http://127.0.0.1:9")
+
+
+# The node-loss tests stop the second node: they come last in this module.
+
+def test_node_loss_with_max_failures_waits_for_a_node_and_resumes_from_the_checkpoint(cluster, client, tmp_path,
+                                                                                        mnist_dir):
+    spec = write_spec(tmp_path / "resilient.json", quick_spec(**{"fit.epochs": 40, "scaling.max_failures": 1}))
+    reference = run_cli("submit", spec, "--in-process", "--storage", tmp_path / "reference",
+                        "--datasets", mnist_dir)
+    assert reference.returncode == 0, reference.stderr
+    expected = json.loads((tmp_path / "reference" / reference.stdout.split()[1].rstrip(":") / "job.json").read_text())
+
+    job_id = client.submit(spec, storage=str(tmp_path / "shared"))
+    wait_for(lambda: client.status(job_id).epochs_completed >= 3, 300, "three epochs")
+    cluster.stop_node(1)
+    lost_at = time.monotonic()
+    time.sleep(10)
+    waiting = client.status(job_id)
+    assert not waiting.state.is_terminal, waiting.reason
+    cluster.add_node()
+    final = client.wait(job_id, timeout=600)
+    assert final.state is JobState.SUCCEEDED, final.reason
+    assert final.restarts == 1 and final.epochs_completed == 40
+    history = client.metrics(job_id)
+    assert [h["epoch"] for h in history] == list(range(1, 41))
+    for got, want in zip(history, expected["history"]):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), got["epoch"]
+    assert final.test_metrics == pytest.approx(expected["test_metrics"], rel=1e-4)
+    print(f"node lost to SUCCEEDED: {time.monotonic() - lost_at:.1f} s")
+
+
+def test_node_loss_without_max_failures_fails_with_the_reason_and_leaves_nothing(cluster, client, tmp_path):
+    storage = tmp_path / "shared"
+    job_id = client.submit(write_spec(tmp_path / "fragile.json", quick_spec(**{"fit.epochs": 500})),
+                           storage=str(storage))
+    wait_for(lambda: client.status(job_id).epochs_completed >= 2, 300, "two epochs")
+    pids = json.loads((storage / job_id / "job.json").read_text())["worker_pids"].values()
+    cluster.stop_node(len(cluster.nodes) - 1)
+    lost_at = time.time()
+    final = client.wait(job_id, timeout=300)
+    assert final.state is JobState.FAILED
+    assert "worker" in final.reason.lower() or "node" in final.reason.lower(), final.reason
+    wait_for(lambda: not any(_running(pid) for pid in pids), 60, "the surviving worker to end")
+    print(f"node lost to FAILED: {final.ended_at - lost_at:.1f} s, reason: {final.reason}")
