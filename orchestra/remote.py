@@ -56,13 +56,14 @@ class RayJobs:
 
     def __init__(self, address: str):
         self.address = address.rstrip("/")
-        _use_token_if_available()
-        logging.getLogger("ray.dashboard").setLevel(logging.WARNING)  # "Uploading package ..." on every submit
-        logging.getLogger("ray._private.runtime_env").setLevel(logging.WARNING)
         from ray.job_submission import JobSubmissionClient
 
+        # "Uploading package ..." on every submit (set after the import, which sets INFO)
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
         with _cluster_errors(self.address):
-            self._jobs = JobSubmissionClient(self.address)
+            self._jobs = JobSubmissionClient(self.address, headers=_token_headers())
 
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
                datasets: str | None = None) -> str:
@@ -154,17 +155,18 @@ def _update(last: JobStatus | None, info: Any, state: JobState, reason: str) -> 
     return last.model_copy(update={"state": state, "reason": reason, "ended_at": ended})
 
 
-def _use_token_if_available() -> None:
-    """Send the cluster's token when one is configured, as `ray` commands do:
-    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE,
-    when set, decides."""
-    mode = os.environ.get("RAY_AUTH_MODE")
-    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                     or (Path.home() / ".ray" / "auth_token").is_file())
-    if mode == "token" or (mode is None and has_token):
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
-        _enable_token_auth()  # also refreshes Ray's cached mode if ray was imported before
+def _token_headers() -> dict[str, str]:
+    """The cluster's token, from where Ray's own commands take it:
+    RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
+    ~/.ray/auth_token (none with RAY_AUTH_MODE=disabled). Sent as a header
+    of this client's requests only, leaving this process's Ray untouched."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 @contextlib.contextmanager

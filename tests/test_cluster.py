@@ -28,7 +28,6 @@ def cluster(tmp_path_factory, mnist_dir):
 
 @pytest.fixture
 def client(cluster, monkeypatch) -> Client:
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster.token_path))
     return Client(cluster.address)
 
