@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from orchestra import heartbeat
 from orchestra.record import JobState, JobStatus
@@ -51,13 +52,19 @@ class LocalJobs:
     def resume(self, job_id: str, datasets: str | None = None) -> None:
         """Check that the job can resume (ResumeError if not), then continue
         it from its latest checkpoint with a background driver."""
-        from orchestra.resume import check_resumable
+        from orchestra.resume import ResumeError, check_resumable
 
-        check_resumable(self.storage, job_id)
+        resumes = check_resumable(self.storage, job_id).resumes
         self.drivers.mkdir(parents=True, exist_ok=True)
-        self._start_driver(job_id, ["resume", job_id], datasets, "a")
+        driver = self._start_driver(job_id, ["resume", job_id], datasets, "a")
+        # Returns once the driver owns the job: until then its record is the lost one's.
+        while self.storage.read_record(job_id).resumes == resumes:
+            if driver.poll() is not None:
+                lines = [line for line in self.logs(job_id).splitlines() if line.strip()]
+                raise ResumeError(f"job {job_id} did not resume: {' / '.join(lines[-3:])}")
+            time.sleep(0.2)
 
-    def _start_driver(self, job_id: str, verb: list[str], datasets: str | None, log_mode: str) -> None:
+    def _start_driver(self, job_id: str, verb: list[str], datasets: str | None, log_mode: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "orchestra.cli", *verb, "--storage", str(self.storage.root)]
         if datasets is not None:
             command += ["--datasets", datasets]
@@ -66,6 +73,7 @@ class LocalJobs:
                                       start_new_session=True)
         _children[driver.pid] = driver
         (self.drivers / f"{job_id}.pid").write_text(str(driver.pid))
+        return driver
 
     def status(self, job_id: str) -> JobStatus:
         try:
