@@ -65,6 +65,14 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def job_at_epoch_2(tmp_path: Path, mnist_dir: Path, name: str):
+    """A submitted STOP_AT_5 job that has completed 2 epochs: its driver,
+    storage, driver log, record, and every process the driver has started."""
+    process, storage, log = start_submit(tmp_path, mnist_dir, small_spec(name=name, **STOP_AT_5))
+    record = wait_for_epoch(process, storage, log, 2)
+    return process, storage, log, record, descendants(process.pid)
+
+
 def name_of(process: psutil.Process) -> str:
     try:
         return process.name()
@@ -128,11 +136,8 @@ def assert_resumed_as_if_never_stopped(job_id: str, storage: Path) -> None:
 
 
 def test_ctrl_c_twice_stops_and_resume_carries_on(tmp_path, mnist_dir):
-    spec = small_spec(name="interrupted", **STOP_AT_5)
-    process, storage, log = start_submit(tmp_path, mnist_dir, spec)
-    record = wait_for_epoch(process, storage, log, 2)
+    process, storage, log, record, family = job_at_epoch_2(tmp_path, mnist_dir, "interrupted")
     job_id = record["job_id"]
-    family = descendants(process.pid)
     sent = time.monotonic()
     process.send_signal(signal.SIGINT)
     time.sleep(0.3)
@@ -160,11 +165,8 @@ def test_ctrl_c_twice_stops_and_resume_carries_on(tmp_path, mnist_dir):
 
 
 def test_killed_driver_is_seen_as_lost_and_resumes(tmp_path, mnist_dir):
-    spec = small_spec(name="orphaned", **STOP_AT_5)
-    process, storage, log = start_submit(tmp_path, mnist_dir, spec)
-    record = wait_for_epoch(process, storage, log, 2)
+    process, storage, log, record, family = job_at_epoch_2(tmp_path, mnist_dir, "orphaned")
     job_id = record["job_id"]
-    family = descendants(process.pid)
     killed = time.monotonic()
     process.kill()
     process.wait()
@@ -189,10 +191,7 @@ def test_killed_driver_is_seen_as_lost_and_resumes(tmp_path, mnist_dir):
 
 
 def test_killed_worker_fails_the_job_and_leaves_nothing(tmp_path, mnist_dir):
-    spec = small_spec(name="victim", **STOP_AT_5)
-    process, storage, log = start_submit(tmp_path, mnist_dir, spec)
-    record = wait_for_epoch(process, storage, log, 2)
-    family = descendants(process.pid)
+    process, storage, log, record, family = job_at_epoch_2(tmp_path, mnist_dir, "victim")
     killed = time.monotonic()
     os.kill(record["worker_pids"]["1"], signal.SIGKILL)
     while json.loads((storage / record["job_id"] / "job.json").read_text())["state"] == "RUNNING":
