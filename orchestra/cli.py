@@ -1,7 +1,8 @@
 """`orchestra`: submit, validate, inspect jobs, here or on a Ray cluster.
 
 Exit codes: 0 success, 1 the job failed or was stopped, 2 bad input or an
-unreachable cluster (nothing was started and no job folder was made),
+unreachable cluster (nothing was started and no job folder was made; for
+`resume`, a job that is not STOPPED or FAILED),
 3 `wait --timeout` ran out, 130 you stopped following a job that goes on.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from orchestra.board import DEFAULT_HOST, DEFAULT_PORT
 from orchestra.remote import ClusterError, submission_address
+from orchestra.resume import ResumeError
 from orchestra.spec import SpecError, json_schema, load_spec
 from orchestra.storage import StorageError
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _job_verb(verbs, "cancel", "stop a job and its workers")
     wait = _job_verb(verbs, "wait", "wait until a job has ended; exit 0 if it succeeded")
     wait.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 3)")
+    resume = _job_verb(verbs, "resume", "continue a STOPPED or FAILED job from its latest checkpoint")
+    resume.add_argument("--datasets", metavar="DIR", help="folder of <name>.npz datasets (default: ORCHESTRA_DATASETS)")
+    resume.add_argument("--detach", action="store_true", help="resume in a background driver and return")
 
     board = verbs.add_parser("tensorboard", help="serve jobs' TensorBoard runs until interrupted")
     board.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to show (default: every job in the storage)")
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (StorageError, ClusterError) as exc:
+    except (StorageError, ClusterError, ResumeError) as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -159,8 +164,16 @@ def _run_here(args: argparse.Namespace) -> int:
     if args.status_lines:
         prepared.storage.on_write = events.print_status_line
     record = create_job(prepared, in_process=args.in_process, job_id=args.job_id)
+    return _drive_here(args, prepared, record)
+
+
+def _drive_here(args: argparse.Namespace, prepared, record, resume_from=None) -> int:
+    """Train a created or reopened job in this process's driver, printing
+    each epoch; the exit code says how it ended."""
+    from orchestra.dispatch import run_in_process, run_job
+
     epochs = prepared.spec.fit.epochs
-    where = "in this process (reference run)" if args.in_process else f"{record.workers} workers"
+    where = "in this process (reference run)" if record.mode == "in_process" else f"{record.workers} workers"
     print(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}", flush=True)
 
     def progress(result) -> None:
@@ -168,14 +181,39 @@ def _run_here(args: argparse.Namespace) -> int:
         print(f"epoch {result.epoch}/{epochs}  {metrics}  {result.epoch_time:.2f}s", flush=True)
 
     try:
-        run = run_in_process if args.in_process else run_job
-        record = run(prepared, record, progress=progress)
+        run = run_in_process if record.mode == "in_process" else run_job
+        record = run(prepared, record, progress=progress, resume_from=resume_from)
     except KeyboardInterrupt:
-        print(f"job {record.job_id}: stopped", file=sys.stderr)
+        print(f"job {record.job_id}: stopped after epoch {record.epochs_completed} "
+              f"(orchestra resume {record.job_id} continues it)", file=sys.stderr)
         return EXIT_JOB_FAILED
-    if args.status_lines:  # the client that follows this driver prints the summary
+    if getattr(args, "status_lines", False):  # the client that follows this driver prints the summary
         return EXIT_OK if record.state.value == "SUCCEEDED" else EXIT_JOB_FAILED
     return _print_final(record.status(), args.json)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a STOPPED or FAILED job here, from its latest checkpoint."""
+    from orchestra.dispatch import cluster_address
+    from orchestra.preflight import preflight
+    from orchestra.resume import check_resumable, reopen
+    from orchestra.spec import JobSpec
+    from orchestra.storage import Storage, storage_root
+
+    if submission_address(args.address):
+        raise ClusterError("resume runs the job's driver on this machine, over its storage: "
+                           "run it where the storage is mounted, without --address")
+    if args.detach:
+        _client(args).resume(args.job_id, datasets=args.datasets)
+        print(f"job {args.job_id}: resuming in a background driver on this machine", flush=True)
+        return EXIT_OK
+    root = storage_root(args.storage)
+    record = check_resumable(Storage(root), args.job_id)
+    prepared = preflight(JobSpec.model_validate(record.spec), storage=str(root),
+                         datasets=args.datasets, source=args.job_id,
+                         check_cluster=record.mode == "ray" and cluster_address() is None)
+    record, checkpoint = reopen(prepared.storage, args.job_id)
+    return _drive_here(args, prepared, record, resume_from=checkpoint)
 
 
 def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
@@ -344,6 +382,7 @@ VERBS = {
     "logs": cmd_logs,
     "cancel": cmd_cancel,
     "wait": cmd_wait,
+    "resume": cmd_resume,
     "tensorboard": cmd_tensorboard,
     "plot": cmd_plot,
     "schema": cmd_schema,

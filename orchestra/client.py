@@ -90,11 +90,21 @@ class Client:
         self._jobs.cancel(job_id)
         return self.wait(job_id, timeout, poll_seconds=0.5)
 
+    def resume(self, job_id: str, datasets: str | None = None) -> None:
+        """Continue a STOPPED or FAILED job (a lost driver's job is FAILED)
+        from its latest checkpoint, in a background driver on this machine;
+        follow it with `status` or `wait`. Raises ResumeError for a job in
+        any other state.
+
+        Args:
+            job_id: the job.
+            datasets: the dataset directory (default: ORCHESTRA_DATASETS).
+        """
+        if self.address:
+            raise NotImplementedError("resume works on this machine's storage: use Client(storage=...)")
+        self._jobs.resume(job_id, datasets=datasets)
+
     def load_model(self, job_id: str, checkpoint: str | None = None):
-        return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
-
-
-def load_model(self, job_id: str, checkpoint: str | None = None):
         return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
 
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
+import sys
 import threading
 from typing import Any, Callable
 
+from orchestra import heartbeat
 from orchestra.coordinator import Checkpoint, Coordinator, CoordinatorCallback, EarlyStopping, EpochResult, TensorBoard
 from orchestra.preflight import Prepared
 from orchestra.record import JobRecord, JobState
+from orchestra.interrupt import stop_on_signals
 from orchestra.spec import CheckpointSpec, JobSpec
+from orchestra.storage import StorageWriteError
 
 POLL_SECONDS = 0.5
 
@@ -48,13 +51,6 @@ def ensure_ray(show_worker_output: bool = False) -> None:
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
                  configure_logging=False)
-
-
-def stop_on_sigterm() -> None:
-    """Ray Jobs' stop and `orchestra cancel` send SIGTERM: end the job as
-    Ctrl-C does (STOPPED, workers released), not with a dead driver."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def make_callbacks(prepared: Prepared, job_id: str, workers: int) -> list[CoordinatorCallback]:
@@ -114,15 +110,20 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
         examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
         input_shape=list(prepared.input_shape),
     )
+    heartbeat.claim(record)
     prepared.storage.write_record(record)
     return record
 
 
-def _coordinator(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> Coordinator:
-    return Coordinator(
+def _coordinator(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None],
+                 resume_from: dict[str, Any] | None) -> Coordinator:
+    coordinator = Coordinator(
         record, prepared.storage, make_callbacks(prepared, record.job_id, record.workers), progress,
         fallback_monitor="val_loss" if prepared.spec.data.has_validation else "loss",
     )
+    if record.resumes:
+        coordinator.roll_back(resume_from)
+    return coordinator
 
 
 def _worker_config(prepared: Prepared, record: JobRecord) -> dict[str, Any]:
@@ -140,21 +141,23 @@ def run_in_process(
     prepared: Prepared,
     record: JobRecord,
     progress: Callable[[EpochResult], None] = lambda result: None,
+    resume_from: dict[str, Any] | None = None,
 ) -> JobRecord:
     """The reference run: the same spec trained in this process by plain
     Keras `fit`, no Ray, no distribution strategy, the same driver-side
-    callbacks, the same records, checkpoints and TensorBoard runs."""
+    callbacks, the same records, checkpoints and TensorBoard runs.
+    `resume_from` as in `run_job`."""
     from orchestra.coordinator.channel import LocalChannel
     from orchestra.keras_compat import tensorflow
     from orchestra.worker import train
 
-    stop_on_sigterm()
+    stop_on_signals()
     with _record_outcome(prepared, record):
-        coordinator = _coordinator(prepared, record, progress)
+        coordinator = _coordinator(prepared, record, progress, resume_from)
         record.transition(JobState.RUNNING)
         prepared.storage.write_record(record)
         train(prepared.spec, _worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
-              LocalChannel(coordinator))
+              LocalChannel(coordinator, resume_from))
         _end(prepared, record, JobState.SUCCEEDED, None)
     return record
 
@@ -163,35 +166,52 @@ def run_job(
     prepared: Prepared,
     record: JobRecord,
     progress: Callable[[EpochResult], None] = lambda result: None,
+    resume_from: dict[str, Any] | None = None,
 ) -> JobRecord:
     """Train the job on Ray Train workers to its end; return its final record.
-    Whatever ends it, the record says so: STOPPED on Ctrl-C, FAILED with the
-    reason on any error, here or on a worker."""
+    Whatever ends it, the record says so: STOPPED on Ctrl-C or SIGTERM,
+    FAILED with the reason on any error, here or on a worker.
+
+    Args:
+        prepared: the checked spec and where things are.
+        record: the job's record (PENDING).
+        progress: called with each epoch's result.
+        resume_from: for a resumed job (`record.resumes`), the checkpoint
+            `{"epoch", "path"}` it continues from, or None: from the start.
+    """
     with _record_outcome(prepared, record):
-        _run_on_ray(prepared, record, progress)
+        _run_on_ray(prepared, record, progress, resume_from)
     return record
 
 
 @contextlib.contextmanager
 def _record_outcome(prepared: Prepared, record: JobRecord):
-    """A job that ends by an exception is recorded as STOPPED (Ctrl-C, which
-    goes on up) or FAILED with the error (which the record now tells)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        _end(prepared, record, JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
-        raise
-    except Exception as exc:  # noqa: BLE001 - the record carries it
-        _end(prepared, record, JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])
+    """A job that ends by an exception is recorded as STOPPED (Ctrl-C or
+    SIGTERM, which goes on up) or FAILED with the error (which the record
+    now tells). The heartbeat beats meanwhile."""
+    with heartbeat.Heartbeat(record, prepared.storage):
+        try:
+            yield
+        except KeyboardInterrupt:
+            _end(prepared, record, JobState.STOPPED, f"interrupted after epoch {record.epochs_completed}")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record carries it
+            _end(prepared, record, JobState.FAILED, f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def _end(prepared: Prepared, record: JobRecord, state: JobState, reason: str | None) -> None:
-    if not record.state.is_terminal:
-        record.transition(state, reason)
+    if record.state.is_terminal:
+        return
+    record.transition(state, reason)
+    try:
         prepared.storage.write_record(record)
+    except StorageWriteError as exc:
+        # Nothing else can tell it: once this process has ended, readers see "driver lost".
+        print(f"orchestra: job {record.job_id} ended {state.value} ({reason}) but {exc}", file=sys.stderr)
 
 
-def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None]) -> None:
+def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[EpochResult], None],
+                resume_from: dict[str, Any] | None) -> None:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -202,11 +222,11 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Callable[[Epoch
 
     spec, storage = prepared.spec, prepared.storage
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
-    stop_on_sigterm()  # after ray.init, which installs a SIGTERM handler of its own
+    stop_on_signals()  # after ray.init, which installs handlers of its own
     # On the driver's node, as Ray Train's controller is: the loss of a worker's node must not take it along.
     channel = Channel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote(spec.scaling.workers)
-    coordinator = _coordinator(prepared, record, progress)
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote(spec.scaling.workers, resume_from)
+    coordinator = _coordinator(prepared, record, progress, resume_from)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={**_worker_config(prepared, record), "channel": channel},

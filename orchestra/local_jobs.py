@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+from orchestra import heartbeat
 from orchestra.record import JobState, JobStatus
 from orchestra.spec import JobSpec
 from orchestra.storage import Storage, StorageError, check_job_id, new_job_id, storage_root
@@ -44,20 +46,38 @@ class LocalJobs:
         self.drivers.mkdir(parents=True, exist_ok=True)
         spec_file = self.drivers / f"{job_id}.json"
         spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
-        command = [sys.executable, "-m", "orchestra.cli", "submit", str(spec_file), "--job-id", job_id,
-                   "--storage", str(self.storage.root)]
+        self._start_driver(job_id, ["submit", str(spec_file), "--job-id", job_id], datasets, "w")
+        return job_id
+
+    def resume(self, job_id: str, datasets: str | None = None) -> None:
+        """Check that the job can resume (ResumeError if not), then continue
+        it from its latest checkpoint with a background driver."""
+        from orchestra.resume import ResumeError, check_resumable
+
+        resumes = check_resumable(self.storage, job_id).resumes
+        self.drivers.mkdir(parents=True, exist_ok=True)
+        driver = self._start_driver(job_id, ["resume", job_id], datasets, "a")
+        # Returns once the driver owns the job: until then its record is the lost one's.
+        while self.storage.read_record(job_id).resumes == resumes:
+            if driver.poll() is not None:
+                lines = [line for line in self.logs(job_id).splitlines() if line.strip()]
+                raise ResumeError(f"job {job_id} did not resume: {' / '.join(lines[-3:])}")
+            time.sleep(0.2)
+
+    def _start_driver(self, job_id: str, verb: list[str], datasets: str | None, log_mode: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "orchestra.cli", *verb, "--storage", str(self.storage.root)]
         if datasets is not None:
             command += ["--datasets", datasets]
-        with open(self.drivers / f"{job_id}.log", "w") as log:
+        with open(self.drivers / f"{job_id}.log", log_mode) as log:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         _children[driver.pid] = driver
         (self.drivers / f"{job_id}.pid").write_text(str(driver.pid))
-        return job_id
+        return driver
 
     def status(self, job_id: str) -> JobStatus:
         try:
-            return self.storage.read_record(job_id).status()
+            return heartbeat.checked(self.storage.read_record(job_id)).status()
         except StorageError:
             pid = self._pid(job_id)
             if pid is None:
@@ -72,7 +92,7 @@ class LocalJobs:
         return JobStatus(state=JobState.FAILED, reason=reason[:2000], **placeholder)
 
     def list(self) -> list[JobStatus]:
-        return [record.status() for record in self.storage.records()]
+        return [heartbeat.checked(record).status() for record in self.storage.records()]
 
     def metrics(self, job_id: str) -> list[dict[str, int | float]]:
         return self.storage.read_record(job_id).history
@@ -102,15 +122,5 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead, whoever has yet to reap it
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    return heartbeat.process_alive(pid)
 

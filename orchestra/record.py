@@ -3,6 +3,7 @@
     PENDING ──► RUNNING ──► SUCCEEDED
        │           │──────► FAILED
        └───────────┴──────► STOPPED / FAILED
+    STOPPED / FAILED ──► PENDING   (`orchestra resume`)
 
 A record is the one file `status`, `list` and the client read; the
 coordinator rewrites it atomically after every epoch.
@@ -35,8 +36,8 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.STOPPED: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.STOPPED: frozenset({JobState.PENDING}),
 }
 
 
@@ -75,6 +76,9 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     ended_at: float | None = None
     restarts: int = 0
+    resumes: int = 0
+    warnings: list[str] = Field(default_factory=list)
+    heartbeat_at: float | None = None
 
 
 class JobRecord(BaseModel):
@@ -109,6 +113,11 @@ class JobRecord(BaseModel):
     tensorboard_logdir: str | None = None
     test_metrics: dict[str, float] | None = None
     restarts: int = 0
+    resumes: int = Field(default=0, description="How many times `orchestra resume` continued the job.")
+    warnings: list[str] = Field(default_factory=list, description="Optional writes that failed; training went on.")
+    driver_pid: int | None = Field(default=None, description="The driver process that owns the job.")
+    driver_host: str | None = None
+    heartbeat_at: float | None = Field(default=None, description="The driver's last sign of life (Unix time).")
     worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
 
@@ -122,6 +131,8 @@ class JobRecord(BaseModel):
             self.started_at = now
         if new.is_terminal:
             self.ended_at = now
+        if new is JobState.PENDING:
+            self.ended_at = None
 
     def status(self) -> JobStatus:
         """What `orchestra status --json` prints and `Client.status` returns."""

@@ -125,7 +125,7 @@ class DataSpec(StrictModel):
     test_size: int | None = Field(
         default=None, ge=1, description="Evaluate on only the first N test examples."
     )
-    seed: int = Field(default=42, ge=0, description="Seed of the random split and subsets.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed of the random split and subsets.")
 
     _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
 
@@ -154,15 +154,57 @@ class DataSpec(StrictModel):
 
 class LayerSpec(BaseModel):
     """One Keras layer: `type` is a class in `keras.layers`; every other key
-    is passed to its constructor, e.g. `{"type": "Dense", "units": 10}`."""
+    is passed to its constructor, e.g. `{"type": "Dense", "units": 10}`.
+    Arguments are plain values (numbers, strings, booleans, null, lists of
+    them): an object would reach Keras's deserializer, which can name
+    modules and custom classes."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(min_length=1, description="A class name from keras.layers, e.g. Dense.")
+    type: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+                      description="A class name from keras.layers, e.g. Dense.")
+
+    @model_validator(mode="after")
+    def _plain_arguments(self) -> LayerSpec:
+        problems = []
+        for key, value in self.arguments.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", key):
+                problems.append(f"{key[:64]!r}{_PATH_END}is not a Keras argument name (lower-case letters, digits, '_')")
+                continue
+            problem = _layer_argument_problem(value)
+            if problem:
+                problems.append(f"{key}{_PATH_END}{problem}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @property
     def arguments(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+LAYER_ARGUMENT_DEPTH = 3
+LAYER_ARGUMENT_LENGTH = 64
+MAX_INT = 2**31 - 1
+
+
+def _layer_argument_problem(value: Any, depth: int = 0) -> str | None:
+    """What is wrong with one layer argument, or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_INT else f"{value:.3g} is out of range (at most {MAX_INT} in magnitude)"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    if isinstance(value, str):
+        return None if len(value) <= 256 else "strings are at most 256 characters"
+    if isinstance(value, list):
+        if depth >= LAYER_ARGUMENT_DEPTH or len(value) > LAYER_ARGUMENT_LENGTH:
+            return (f"lists are at most {LAYER_ARGUMENT_LENGTH} long and nested "
+                    f"{LAYER_ARGUMENT_DEPTH} deep")
+        return next(filter(None, (_layer_argument_problem(item, depth + 1) for item in value)), None)
+    return ("objects are not layer arguments (Keras would deserialize them, with module and class names): "
+            "use numbers, strings, booleans, null or lists of them")
 
 
 class ModelSpec(StrictModel):
@@ -309,7 +351,7 @@ class JobSpec(StrictModel):
         description="Job name; the job id starts with it.",
     )
     comment: str | None = Field(default=None, description="Free text, e.g. which seed it reproduces.")
-    seed: int = Field(default=0, ge=0, description="Seed of initial weights and shuffling.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of initial weights and shuffling.")
     data: DataSpec
     model: ModelSpec
     compile: CompileSpec
@@ -397,8 +439,14 @@ class SpecError(Exception):
     def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
         self.problems = problems
         self.source = source
-        lines = [f"{source}: invalid job spec"] + [f"  {path}: {msg}" for path, msg in problems]
+        lines = [f"{source}: invalid job spec"] + [f"  {_printable(path)}: {_printable(msg)}" for path, msg in problems]
         super().__init__("\n".join(lines))
+
+
+def _printable(text: str) -> str:
+    """Spec text as one printable line: control characters (a newline in
+    a key, say) are shown escaped, not obeyed by the terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def problems_of(error: ValidationError) -> list[tuple[str, str]]:
@@ -475,18 +523,49 @@ def _first_model(annotation: Any) -> Any:
     return None
 
 
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 12
+MAX_SPEC_INT = 2**53  # what every JSON reader represents exactly
+
+
 def parse_spec(text: str, source: str = "spec") -> JobSpec:
-    """Parse JSON text into a JobSpec, raising SpecError with every problem."""
+    """Parse JSON text into a JobSpec, raising SpecError with every problem.
+    Beyond the fields' own rules: at most 1 MB, nested at most 12 deep,
+    no NaN or infinity, integers within ±2**53."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([("(file)", f"is {len(text)} characters; a spec is at most {MAX_SPEC_BYTES}")], source)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError([(f"line {exc.lineno} column {exc.colno}", f"malformed JSON: {exc.msg}")], source) from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; nesting past Python's stack
+        raise SpecError([("(spec)", f"malformed JSON: {str(exc)[:100] or type(exc).__name__}")], source) from None
     if not isinstance(raw, dict):
         raise SpecError([("(spec)", "must be a JSON object")], source)
+    problems = list(_unsafe_values(raw, ()))
+    if problems:
+        raise SpecError(problems, source)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(problems_of(exc), source) from None
+
+
+def _unsafe_values(value: Any, path: tuple) -> Any:
+    """(field path, message) for every value no spec field may hold."""
+    where = ".".join(str(part) for part in path) or "(spec)"
+    if len(path) > MAX_SPEC_DEPTH:
+        yield where, f"nested deeper than {MAX_SPEC_DEPTH} levels"
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield where, f"{value} is not allowed: numbers must be finite"
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SPEC_INT:
+        yield where, f"{value:.3g} is out of range (at most 2**53 in magnitude)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _unsafe_values(item, (*path, key[:64]))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _unsafe_values(item, (*path, index))
 
 
 def load_spec(path: str | os.PathLike) -> JobSpec:

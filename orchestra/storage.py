@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,19 @@ class StorageError(ValueError):
     pass
 
 
+class StorageWriteError(OSError):
+    """A write to the storage failed (disk full, read-only, gone); the
+    message names the path (also `filename`). What was there before is
+    left as it was."""
+
+    @classmethod
+    def of(cls, path: Path, error: OSError) -> StorageWriteError:
+        return cls(error.errno, f"cannot write {path}: {error.strerror or error}", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def storage_root(override: str | None = None, spec_storage: str | None = None) -> Path:
     """--storage, else ORCHESTRA_STORAGE, else the spec's storage, else the default."""
     raw = override or os.environ.get(STORAGE_ENV) or spec_storage or DEFAULT_STORAGE
@@ -40,9 +54,9 @@ def storage_root(override: str | None = None, spec_storage: str | None = None) -
 
 
 def check_job_id(job_id: str) -> str:
-    if not _JOB_ID.match(job_id) or ".." in job_id:
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or ".." in job_id:
         raise StorageError(
-            f"invalid job id '{job_id}': letters, digits, '_', '.', '-' only, "
+            f"invalid job id {job_id!r}: letters, digits, '_', '.', '-' only, "
             "starting with a letter or digit"
         )
     return job_id
@@ -54,29 +68,40 @@ def new_job_id(name: str) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write, fsync, rename: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write, fsync, rename: readers see the old file or the new, never half.
+    Raises StorageWriteError naming `path` when the storage refuses."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageWriteError):
+            raise StorageWriteError.of(path, exc) from exc
         raise
 
 
 def publish_directory(staging: Path, final: Path) -> None:
-    """Make a fully written staging folder visible under its final name."""
-    for file in staging.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    """Make a fully written staging folder visible under its final name.
+    On failure the staging folder is removed (a full disk gets its space
+    back) and StorageWriteError names `final`."""
+    try:
+        for file in staging.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageWriteError.of(final, exc) from exc
 
 
 class Storage:
@@ -86,6 +111,8 @@ class Storage:
         self.root = root
         # Called with every record written (a Ray job's driver prints it for the client).
         self.on_write: Callable[[JobRecord], None] | None = None
+        # The driver's heartbeat writes the record from a thread of its own.
+        self._write_lock = threading.Lock()
 
     def check_writable(self) -> None:
         try:
@@ -115,9 +142,12 @@ class Storage:
     def tensorboard_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "tensorboard"
 
-    def write_record(self, record: JobRecord) -> None:
-        atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
-        if self.on_write is not None:
+    def write_record(self, record: JobRecord, announce: bool = True) -> None:
+        """Write the record atomically; `announce` it to `on_write` unless
+        only its heartbeat changed."""
+        with self._write_lock:  # serialised inside the lock: writes land in the order of their contents
+            atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
+        if announce and self.on_write is not None:
             self.on_write(record)
 
     def read_record(self, job_id: str) -> JobRecord:

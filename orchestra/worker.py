@@ -56,16 +56,20 @@ def collective_save(model, final: Path, rank: int, weights_only: bool, extra: di
 
     import numpy as np
 
-    from orchestra.storage import publish_directory
+    from orchestra.storage import StorageWriteError, publish_directory
 
     if rank == 0:
         staging = final.parent / f".staging-{final.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        save_model(model, staging, weights_only)
-        if extra is not None:
-            (staging / "state.json").write_text(json.dumps(extra))
-        if best_weights is not None:
-            np.savez(staging / BEST_WEIGHTS_FILE, *best_weights)
+        try:
+            save_model(model, staging, weights_only)
+            if extra is not None:
+                (staging / "state.json").write_text(json.dumps(extra))
+            if best_weights is not None:
+                np.savez(staging / BEST_WEIGHTS_FILE, *best_weights)
+        except OSError as exc:  # a full disk: give its space back, name what could not be written
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageWriteError.of(final, exc) from exc
         publish_directory(staging, final)
     else:
         scratch = Path(tempfile.mkdtemp(prefix="orchestra-scratch-"))

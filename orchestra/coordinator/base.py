@@ -67,7 +67,11 @@ class CoordinatorCallback:
     `state_dict`/`load_state_dict` let a job resume from a checkpoint with
     the callback exactly as it was when that checkpoint was decided.
     `record_fields` are what the callback contributes to the job record.
+    An `optional` callback's failure does not fail the job: it is dropped
+    and the record's `warnings` say so.
     """
+
+    optional = False
 
     def on_job_start(self, job_id: str) -> None:
         pass

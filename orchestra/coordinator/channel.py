@@ -23,11 +23,12 @@ import ray
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class Channel:
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, resume_from: dict[str, Any] | None = None):
         self.world_size = world_size
         self.attempt = 0
         self.group: str | None = None
-        self.latest_checkpoint: dict[str, Any] | None = None
+        # Where the first workers start: a resumed job's checkpoint.
+        self.latest_checkpoint: dict[str, Any] | None = resume_from
         self.events: asyncio.Queue = asyncio.Queue()
         self.reports: dict[int, dict[int, Any]] = {}
         self.decisions: dict[tuple[int, int], Any] = {}
@@ -88,12 +89,13 @@ class LocalChannel:
     """The channel for the in-process reference run: one worker, the
     coordinator in the same process, every call answered at once."""
 
-    def __init__(self, coordinator):
+    def __init__(self, coordinator, resume_from: dict[str, Any] | None = None):
         self.coordinator = coordinator
+        self.resume_from = resume_from
 
     def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
         self.coordinator.on_worker_started(rank, pid)
-        return {"attempt": 0, "checkpoint": None}
+        return {"attempt": 0, "checkpoint": self.resume_from}
 
     def report(self, attempt: int, rank: int, epoch: int, payload: dict[str, Any]) -> dict[str, Any]:
         return dataclasses.asdict(self.coordinator.on_epoch([payload]))

@@ -37,8 +37,8 @@ class Coordinator:
         self.callbacks = callbacks
         self.progress = progress
         self.fallback = Monitor(fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
-        for callback in callbacks:
-            callback.on_job_start(record.job_id)
+        for callback in list(callbacks):
+            self._call(callback, callback.on_job_start, record.job_id)
         self.initial_state = self.state_dict()
 
     def on_worker_started(self, rank: int, pid: int) -> None:
@@ -51,8 +51,8 @@ class Coordinator:
     def on_epoch(self, reports: list[dict[str, Any]]) -> Decision:
         result = aggregate([WorkerReport(**report) for report in reports])
         decision = Decision()
-        for callback in self.callbacks:
-            callback.on_epoch_end(result, decision)
+        for callback in list(self.callbacks):
+            self._call(callback, callback.on_epoch_end, result, decision)
         if decision.checkpoint_dir:
             decision.checkpoint_state = {"epoch": result.epoch, "callbacks": self.state_dict()}
         self.record.history.append(result.history_entry())
@@ -69,9 +69,16 @@ class Coordinator:
     def on_restart(self, checkpoint: dict[str, Any] | None) -> None:
         """Ray Train restarted the workers: roll back to their checkpoint."""
         self.record.restarts += 1
+        self.roll_back(checkpoint)
+
+    def roll_back(self, checkpoint: dict[str, Any] | None) -> None:
+        """Callbacks, history and record as they were when `checkpoint`
+        (`{"epoch", "path"}`) was decided; as at the start when None. Used
+        when workers restart and when a job is resumed."""
         resume_epoch = 0
-        self.load_state_dict(self.initial_state)
-        if checkpoint is not None:
+        if checkpoint is None:
+            self.load_state_dict(self.initial_state)
+        else:
             state = Storage.read_checkpoint_state(Path(checkpoint["path"]))
             self.load_state_dict(state["callbacks"])
             resume_epoch = checkpoint["epoch"]
@@ -85,8 +92,21 @@ class Coordinator:
         self.record.test_metrics = final.get("test_metrics")
         self.record.model_path = final.get("model_path")
         self._refresh_record()
-        for callback in self.callbacks:
-            callback.on_job_end(self.record.status().model_dump(mode="json"))
+        for callback in list(self.callbacks):
+            self._call(callback, callback.on_job_end, self.record.status().model_dump(mode="json"))
+
+    def _call(self, callback: CoordinatorCallback, method: Callable, *args: Any) -> None:
+        """Call a callback; one whose writes are optional (TensorBoard) and
+        fail is dropped with a warning on the record, and training goes on."""
+        if not callback.optional:
+            method(*args)
+            return
+        try:
+            method(*args)
+        except Exception as exc:  # noqa: BLE001 - an optional write; the record says what failed
+            self.callbacks.remove(callback)
+            self.record.warnings = [*self.record.warnings,
+                                    f"{type(callback).__name__} stopped writing: {exc}; training went on"[:500]]
 
     def state_dict(self) -> dict[str, Any]:
         return {type(cb).__name__: cb.state_dict() for cb in self.callbacks}

@@ -20,6 +20,11 @@ class TensorBoard(CoordinatorCallback):
     hyperparameters for TensorBoard's HParams dashboard, the model summary,
     and at the end a summary of the outcome, as text.
 
+    Its writes are optional: if they fail (a full disk), the job goes on
+    without them. Its state is the last epoch written: rolled back to a
+    checkpoint (a restart, `orchestra resume`), it drops the events of later
+    epochs, so the runs continue without duplicate or missing steps.
+
     Args:
         logdir: the job's TensorBoard folder.
         update_freq: `epoch` or `batch`.
@@ -42,15 +47,21 @@ class TensorBoard(CoordinatorCallback):
         self.hparams = hparams or {}
         self.model_summary = model_summary
         self._writers: dict[str, Any] = {}
+        self.epoch = 0
+        self.steps = 0  # per epoch, the step unit of `batch_loss`
 
     def _writer(self, run: str):
         if run not in self._writers:
             self._writers[run] = tensorflow().summary.create_file_writer(str(self.logdir / run))
         return self._writers[run]
 
+    optional = True
+
     def on_job_start(self, job_id: str) -> None:
         from tensorboard.plugins.hparams import api as hp
 
+        if any(self.logdir.glob("events.out.tfevents.*")):
+            return  # a resumed job: its hyperparameters and model are there
         tf = tensorflow()
         with self._writer("").as_default():
             if self.hparams:
@@ -61,6 +72,7 @@ class TensorBoard(CoordinatorCallback):
 
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
         tf = tensorflow()
+        self.epoch, self.steps = result.epoch, result.steps or self.steps
         train = {k: v for k, v in result.metrics.items() if not k.startswith("val_")}
         train["time_seconds"] = result.epoch_time
         train["samples_per_second"] = result.samples_per_second
@@ -90,8 +102,45 @@ class TensorBoard(CoordinatorCallback):
             writer.close()
         self._writers.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to `state`'s epoch: later events of the train and validation
+        runs (scalars, batch losses, the workers' histograms) are dropped."""
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        self.epoch, self.steps = state["epoch"], state["steps"]
+        for run in ("train", "validation"):
+            for path in sorted((self.logdir / run).glob("events.out.tfevents.*")):
+                drop_events_after(path, self.epoch, self.epoch * self.steps)
+
     def record_fields(self) -> dict[str, Any]:
         return {"tensorboard_logdir": str(self.logdir)}
+
+
+def drop_events_after(path: Path, epoch: int, batch_step: int) -> None:
+    """Rewrite an event file without the events past `epoch` (`batch_loss`:
+    past the global step `batch_step`); atomically, and only if needed."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    tf = tensorflow()
+    records = [bytes(raw) for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()]
+    kept = []
+    for raw in records:
+        event = Event.FromString(raw)
+        tags = {value.tag for value in event.summary.value}
+        limit = batch_step if "batch_loss" in tags else epoch
+        if not tags or event.step <= limit:
+            kept.append(raw)
+    if len(kept) == len(records):
+        return
+    staging = path.with_name(f".{path.name}.rollback")
+    with tf.io.TFRecordWriter(str(staging)) as writer:
+        for raw in kept:
+            writer.write(raw)
+    staging.replace(path)
 
 
 def _preformatted(text: str) -> str:
