@@ -111,6 +111,9 @@ class JobRecord(BaseModel):
     restarts: int = 0
     worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
+    class_names: list[str] | None = Field(default=None, description="An image folder's classes, in label order.")
+    skipped_files: int = Field(default=0, description="Files of an image folder that are not readable images.")
+    skipped_examples: list[str] = Field(default_factory=list, description="The first few skipped files.")
 
     def transition(self, new: JobState, reason: str | None = None) -> None:
         if new not in ALLOWED_TRANSITIONS[self.state]:
