@@ -130,20 +130,7 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
     num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
 
     def features(a: np.ndarray) -> np.ndarray:
-        a = a.astype(np.float32)
-        if spec.rescale is not None:
-            a *= np.float32(spec.rescale)
-        if spec.flatten:
-            return a.reshape(len(a), -1)
-        if spec.reshape is not None:
-            try:
-                return a.reshape(len(a), *spec.reshape)
-            except ValueError:
-                raise DataError(
-                    "data.reshape",
-                    f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
-                ) from None
-        return a
+        return prepare_features(a, spec)
 
     def labels(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
@@ -163,6 +150,24 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
         x_test=features(x_test) if x_test is not None else None,
         y_test=labels(_column(y_test)) if x_test is not None else None,
     )
+
+
+def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:
+    """Examples as the model takes them: float32, rescaled, reshaped as the spec says."""
+    a = np.asarray(a).astype(np.float32)
+    if spec.rescale is not None:
+        a *= np.float32(spec.rescale)
+    if spec.flatten:
+        return a.reshape(len(a), -1)
+    if spec.reshape is not None:
+        try:
+            return a.reshape(len(a), *spec.reshape)
+        except ValueError:
+            raise DataError(
+                "data.reshape",
+                f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
+            ) from None
+    return a
 
 
 def _column(labels: np.ndarray) -> np.ndarray:

@@ -130,12 +130,6 @@ class DataSpec(StrictModel):
         default=None, min_length=1,
         description="Keras dataset name (mnist, fashion_mnist, cifar10, ...) or path to an .npz file.",
     )
-    images: ImageFolderSpec | None = Field(
-        default=None, description="Read a class-per-subfolder tree of image files instead of arrays."
-    )
-    augmentation: AugmentationSpec | None = Field(
-        default=None, description="Random transforms of training images (image folders only); never of validation."
-    )
     rescale: float | None = Field(
         default=None,
         description="Multiply pixel values by this factor, e.g. '1/255'.",
@@ -168,6 +162,12 @@ class DataSpec(StrictModel):
         default=None, ge=1, description="Evaluate on only the first N test examples."
     )
     seed: int = Field(default=42, ge=0, description="Seed of the random split and subsets.")
+    images: ImageFolderSpec | None = Field(
+        default=None, description="Read a class-per-subfolder tree of image files instead of arrays."
+    )
+    augmentation: AugmentationSpec | None = Field(
+        default=None, description="Random transforms of training images (image folders only); never of validation."
+    )
 
     _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
 
