@@ -175,6 +175,8 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
             for layer in layers:
                 x = layer(x)
             model = k.Model(inputs, x, name=name)
+    except ModelError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ModelError("model.layers", str(exc).strip().splitlines()[0]) from None
     try:
