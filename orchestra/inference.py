@@ -49,7 +49,11 @@ def _data_spec(record, overrides: dict[str, Any] | None) -> DataSpec:
     try:
         return JobSpec.model_validate(dict(record.spec, data=data)).data
     except ValidationError as exc:
-        raise SpecError(problems_of(exc), "--data") from None
+        problems = [(path, message) for path, message in problems_of(exc) if path.startswith("data")]
+        if problems:
+            raise SpecError(problems, "--data") from None
+    # Rules of the whole job (e.g. what a callback monitors) may not hold for other data; the data must.
+    return DataSpec.model_validate(data)
 
 
 def evaluation_arrays(data: DataSpec, datasets: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
