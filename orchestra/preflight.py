@@ -80,6 +80,7 @@ def preflight(
             known_shape = spec.data.images.image_shape if spec.data.images else spec.model.input_shape
             if not problems and (known_shape or spec.model.backbone):
                 build_model(_without_files(spec), tuple(known_shape or ())).summary(print_fn=summary.append)
+            input_shape = tuple(known_shape or ())
             raise _Unchecked()
         if spec.data.images is not None:
             images = split_folders(spec.data)
