@@ -385,6 +385,8 @@ def _summary(status: dict[str, Any]) -> str:
                  + (f", stopped early at epoch {status['stopped_epoch']}" if status["stopped_epoch"] else ""))
     if status["best_epoch"] is not None:
         lines.append(f"  best epoch        {status['best_epoch']} ({status['monitor']} {_fmt(status['best_value'])})")
+    if status.get("skipped_files"):
+        lines.append(f"  skipped files     {status['skipped_files']} (not readable images; see the record)")
     if status["test_metrics"]:
         lines.append("  test              " + "  ".join(f"{k} {_fmt(v)}" for k, v in status["test_metrics"].items()))
     for label, key in (("best checkpoint", "checkpoint"), ("model", "model"), ("tensorboard", "tensorboard_logdir")):

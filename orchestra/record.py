@@ -75,6 +75,8 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     ended_at: float | None = None
     restarts: int = 0
+    class_names: list[str] | None = None
+    skipped_files: int = 0
 
 
 class JobRecord(BaseModel):

@@ -61,6 +61,8 @@ def test_image_folder_job_trains_on_two_workers(image_job):
     assert len(history) == 3 and all("val_accuracy" in h for h in history)
     for entry in history:  # 24 images, global batch 8: 3 steps, every image once per epoch
         assert entry["samples_per_second"] * entry["epoch_time"] == pytest.approx(24)
+    status = orchestra.Client(storage=str(image_job["root"] / "storage")).status(image_job["job_id"])
+    assert (status.skipped_files, status.class_names) == (1, ["circle", "square"])
 
 
 @pytest.mark.integration
