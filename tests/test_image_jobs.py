@@ -88,8 +88,8 @@ def test_evaluate_and_predict_use_the_best_checkpoint(image_job, tmp_path):
         accuracy = np.mean(out["classes"] == np.repeat([0, 1], 4))
     assert accuracy == pytest.approx(evaluated["metrics"]["accuracy"])
 
-    other = orchestra.evaluate(job_id, data={"images": {"train_dir": str(root / "train"), "target_size": [24, 24]},
-                                             "augmentation": None}, storage=storage)
+    other_data = {"images": {"train_dir": str(root / "train"), "target_size": [24, 24]}, "augmentation": None}
+    other = orchestra.Client(storage=storage).evaluate(job_id, data=other_data)
     assert other["set"] == "training" and other["examples"] == 24
 
 
