@@ -6,7 +6,9 @@
 """
 
 from orchestra.client import Client, load_model
+from orchestra.inference import evaluate, predict
 from orchestra.record import JobRecord, JobState, JobStatus
 from orchestra.spec import JobSpec, SpecError, load_spec
 
-__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "SpecError", "load_model", "load_spec"]
+__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "SpecError", "evaluate", "load_model", "load_spec",
+           "predict"]

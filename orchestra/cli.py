@@ -78,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(validate)
     validate.add_argument("--workers", type=int, help="override scaling.workers")
     validate.add_argument("--datasets", metavar="DIR")
+    validate.add_argument("--schema-only", action="store_true",
+                          help="check everything but the files the spec names (data, weights) and the storage: "
+                               "for a spec written for another machine")
+
+    evaluate = verbs.add_parser("evaluate", help="evaluate a job's best checkpoint (else its final model)")
+    evaluate.add_argument("job_id")
+    _storage_option(evaluate)
+    evaluate.add_argument("--data", metavar="JSON",
+                          help='fields of the spec\'s data section to use instead, e.g. \'{"source": "other.npz"}\' '
+                               "(default: the job's test set, else its validation set)")
+    evaluate.add_argument("--checkpoint", choices=("best", "latest", "final"),
+                          help="which model (default: best checkpoint, else final)")
+    evaluate.add_argument("--datasets", metavar="DIR")
+    _json_option(evaluate)
+
+    predict = verbs.add_parser("predict", help="write a job's class predictions for the examples in an .npz")
+    predict.add_argument("job_id")
+    predict.add_argument("input", metavar="INPUT.npz", help="examples under 'x', raw as the job's data source has them")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    _storage_option(predict)
+    predict.add_argument("--checkpoint", choices=("best", "latest", "final"))
 
     _job_verb(verbs, "status", "show one job")
     listing = verbs.add_parser("list", help="list jobs, newest first")
@@ -139,6 +160,13 @@ def _prepare(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.schema_only:
+        from orchestra.preflight import preflight
+
+        spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
+        preflight(spec, storage=args.storage, source=args.spec, check_cluster=False, check_files=False)
+        print(f"{args.spec}: valid as a spec (the files it names and the storage were not checked)")
+        return EXIT_OK
     prepared = _prepare(args)
     spec = prepared.spec
     print(f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
@@ -338,6 +366,35 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestra.inference import evaluate
+
+    data = None
+    if args.data:
+        try:
+            data = json.loads(args.data)
+        except json.JSONDecodeError as exc:
+            raise SpecError([("--data", f"malformed JSON: {exc.msg}")], "--data") from None
+        if not isinstance(data, dict):
+            raise SpecError([("--data", "must be a JSON object of data fields")], "--data")
+    result = evaluate(args.job_id, data=data, storage=args.storage, checkpoint=args.checkpoint,
+                      datasets=args.datasets)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"job {args.job_id} on {result['examples']} {result['set']} examples: "
+              + "  ".join(f"{k} {_fmt(v)}" for k, v in result["metrics"].items()))
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from orchestra.inference import predict
+
+    result = predict(args.job_id, args.input, args.output, storage=args.storage, checkpoint=args.checkpoint)
+    print(f"wrote {result['output']}: {result['examples']} predictions, per class {result['classes']}")
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from orchestra.client import Client
     from orchestra.plot import plot_jobs
@@ -366,6 +423,8 @@ def _summary(status: dict[str, Any]) -> str:
                  + (f", stopped early at epoch {status['stopped_epoch']}" if status["stopped_epoch"] else ""))
     if status["best_epoch"] is not None:
         lines.append(f"  best epoch        {status['best_epoch']} ({status['monitor']} {_fmt(status['best_value'])})")
+    if status.get("skipped_files"):
+        lines.append(f"  skipped files     {status['skipped_files']} (not readable images; see the record)")
     if status["test_metrics"]:
         lines.append("  test              " + "  ".join(f"{k} {_fmt(v)}" for k, v in status["test_metrics"].items()))
     for label, key in (("best checkpoint", "checkpoint"), ("model", "model"), ("tensorboard", "tensorboard_logdir")):
@@ -385,6 +444,8 @@ VERBS = {
     "resume": cmd_resume,
     "tensorboard": cmd_tensorboard,
     "plot": cmd_plot,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
     "schema": cmd_schema,
 }
 

@@ -107,6 +107,19 @@ class Client:
     def load_model(self, job_id: str, checkpoint: str | None = None):
         return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
 
+    def evaluate(self, job_id: str, data: dict[str, Any] | None = None, checkpoint: str | None = None,
+                 datasets: str | None = None) -> dict[str, Any]:
+        """`orchestra.evaluate` on this client's storage (read from this machine)."""
+        from orchestra.inference import evaluate
+
+        return evaluate(job_id, data=data, storage=str(self.storage.root), checkpoint=checkpoint, datasets=datasets)
+
+    def predict(self, job_id: str, input_path: str, output_path: str, checkpoint: str | None = None) -> dict[str, Any]:
+        """`orchestra.predict` on this client's storage (read from this machine)."""
+        from orchestra.inference import predict
+
+        return predict(job_id, input_path, output_path, storage=str(self.storage.root), checkpoint=checkpoint)
+
 
 def load_model(job_id: str, storage: str | None = None, checkpoint: str | None = None) -> Any:
     """Load a job's model with tf-keras, compiled as the spec says.

@@ -130,20 +130,7 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
     num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
 
     def features(a: np.ndarray) -> np.ndarray:
-        a = a.astype(np.float32)
-        if spec.rescale is not None:
-            a *= np.float32(spec.rescale)
-        if spec.flatten:
-            return a.reshape(len(a), -1)
-        if spec.reshape is not None:
-            try:
-                return a.reshape(len(a), *spec.reshape)
-            except ValueError:
-                raise DataError(
-                    "data.reshape",
-                    f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
-                ) from None
-        return a
+        return prepare_features(a, spec)
 
     def labels(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
@@ -165,6 +152,24 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
     )
 
 
+def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:
+    """Examples as the model takes them: float32, rescaled, reshaped as the spec says."""
+    a = np.asarray(a).astype(np.float32)
+    if spec.rescale is not None:
+        a *= np.float32(spec.rescale)
+    if spec.flatten:
+        return a.reshape(len(a), -1)
+    if spec.reshape is not None:
+        try:
+            return a.reshape(len(a), *spec.reshape)
+        except ValueError:
+            raise DataError(
+                "data.reshape",
+                f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
+            ) from None
+    return a
+
+
 def _column(labels: np.ndarray) -> np.ndarray:
     """Labels of shape (n, 1), as some datasets ship them, as shape (n,)."""
     labels = np.asarray(labels)
@@ -177,9 +182,48 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return max(1, n_examples // global_batch)
 
 
+class ArrayExamples:
+    """Examples held in memory as arrays; `fetch` gathers a batch by index."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+        self._tensors = None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y
+
+    def fetch(self, indices, epoch):
+        import tensorflow as tf
+
+        if self._tensors is None:
+            self._tensors = tf.constant(self.x), tf.constant(self.y)
+        x_t, y_t = self._tensors
+        return tf.gather(x_t, indices), tf.gather(y_t, indices)
+
+
+def class_indices(labels: np.ndarray) -> np.ndarray:
+    """The class of each example from sparse, one-hot or binary labels."""
+    labels = np.asarray(labels)
+    if labels.ndim > 1 and labels.shape[-1] > 1:
+        return labels.argmax(axis=-1)
+    return labels.reshape(len(labels)).astype(np.int64)
+
+
 def training_dataset(
     x: np.ndarray,
     y: np.ndarray,
+    **options,
+):
+    """`training_pipeline` over arrays in memory."""
+    return training_pipeline(ArrayExamples(x, y), **options)
+
+
+def training_pipeline(
+    examples,
     *,
     global_batch: int,
     rank: int,
@@ -197,17 +241,22 @@ def training_dataset(
 
     Endless, so that MultiWorkerMirroredStrategy never has to vote on the end
     of the data; `fit` is given `steps_per_epoch` instead.
+
+    Args:
+        examples: `ArrayExamples` or `images.FolderExamples`: `len()`,
+            `labels` and `fetch(indices, epoch)` → (x, y) tensors.
+        class_weight: Keras's `class_weight`, given to `fit` as per-example
+            sample weights (the third element of each batch).
     """
     import tensorflow as tf
 
-    n = len(x)
+    n = len(examples)
     steps = steps_per_epoch(n, global_batch)
     per_worker = global_batch // world_size
-    x_t, y_t = tf.constant(x), tf.constant(y)
     weights = None
     if class_weight:
-        labels = y.argmax(axis=-1) if y.ndim > 1 else y.astype(np.int64)
-        weights = tf.constant(np.array([class_weight.get(int(c), 1.0) for c in labels], np.float32))
+        classes = class_indices(examples.labels)
+        weights = tf.constant(np.array([class_weight.get(int(c), 1.0) for c in classes], np.float32))
 
     def epoch_indices(epoch):
         order = tf.range(n, dtype=tf.int64)
@@ -216,12 +265,14 @@ def training_dataset(
                 order, seed=tf.stack([tf.constant(seed, tf.int64), epoch])
             )
         batches = tf.reshape(order[: steps * global_batch], [steps, world_size, per_worker])
-        return tf.data.Dataset.from_tensor_slices(batches[:, rank, :])
+        epochs = tf.fill([steps], epoch)
+        return tf.data.Dataset.from_tensor_slices((batches[:, rank, :], epochs))
 
-    def gather(indices):
+    def gather(indices, epoch):
+        x, y = examples.fetch(indices, epoch)
         if weights is None:
-            return tf.gather(x_t, indices), tf.gather(y_t, indices)
-        return tf.gather(x_t, indices), tf.gather(y_t, indices), tf.gather(weights, indices)
+            return x, y
+        return x, y, tf.gather(weights, indices)
 
     dataset = (
         tf.data.Dataset.range(initial_epoch, 2**62)
@@ -244,27 +295,32 @@ def evaluation_steps(n_examples: int, per_worker_batch: int, world_size: int) ->
     return min(-(-largest_share // per_worker_batch), smallest_share)
 
 
-def evaluation_dataset(x: np.ndarray, y: np.ndarray, *, per_worker_batch: int, rank: int, world_size: int):
+def evaluation_dataset(x: np.ndarray, y: np.ndarray, **options):
+    """`evaluation_pipeline` over arrays in memory."""
+    return evaluation_pipeline(ArrayExamples(x, y), **options)
+
+
+def evaluation_pipeline(examples, *, per_worker_batch: int, rank: int, world_size: int, prefetch: int = 1):
     """This worker's contiguous share of a whole evaluation set, each example
     in exactly one worker's share, so the job's metrics cover the set once.
 
     Every worker yields `evaluation_steps(...)` non-empty batches; batches may
     differ in size by a few examples, which leaves Keras's metrics exact
-    (they are sums weighted by batch size)."""
+    (they are sums weighted by batch size). Examples are fetched with epoch
+    -1: never augmented."""
     import tensorflow as tf
 
-    bounds = np.linspace(0, len(x), world_size + 1).astype(np.int64)
+    n = len(examples)
+    bounds = np.linspace(0, n, world_size + 1).astype(np.int64)
     start, stop = bounds[rank], bounds[rank + 1]
-    steps = evaluation_steps(len(x), per_worker_batch, world_size)
+    steps = evaluation_steps(n, per_worker_batch, world_size)
     edges = np.linspace(start, stop, steps + 1).astype(np.int64)
-    x_t, y_t = tf.constant(x), tf.constant(y)
     starts, stops = tf.constant(edges[:-1]), tf.constant(edges[1:])
 
     def batch(i):
-        indices = tf.range(starts[i], stops[i])
-        return tf.gather(x_t, indices), tf.gather(y_t, indices)
+        return examples.fetch(tf.range(starts[i], stops[i]), tf.constant(-1, tf.int64))
 
-    return _unsharded(tf.data.Dataset.range(steps).map(batch))
+    return _unsharded(tf.data.Dataset.range(steps).map(batch)).prefetch(prefetch)
 
 
 def _unsharded(dataset):

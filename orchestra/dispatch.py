@@ -111,6 +111,10 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
         input_shape=list(prepared.input_shape),
     )
     heartbeat.claim(record)
+    if prepared.images is not None:
+        record.class_names = prepared.images.train.class_names
+        record.skipped_files = len(prepared.images.skipped)
+        record.skipped_examples = prepared.images.skipped[:10]
     prepared.storage.write_record(record)
     return record
 
@@ -134,7 +138,17 @@ def _worker_config(prepared: Prepared, record: JobRecord) -> dict[str, Any]:
         "datasets_dir": str(prepared.datasets_dir),
         "model_dir": str(storage.model_dir(record.job_id)),
         "tensorboard_dir": str(storage.tensorboard_dir(record.job_id)),
+        "images": _image_lists(prepared),
     }
+
+
+def _image_lists(prepared: Prepared) -> dict[str, Any] | None:
+    """The image files the driver found readable, for the workers to share."""
+    if prepared.images is None:
+        return None
+    return {name: None if index is None else {"files": index.files, "labels": index.labels.tolist(),
+                                              "class_names": index.class_names}
+            for name, index in (("train", prepared.images.train), ("validation", prepared.images.validation))}
 
 
 def run_in_process(

@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from orchestra.keras_compat import keras
-from orchestra.spec import JobSpec, OptimizerSpec
+from orchestra.spec import BackboneSpec, JobSpec, OptimizerSpec
 
 # Strings `compile` accepts as metrics without a registry entry.
 _COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
@@ -69,6 +69,48 @@ def metric_names() -> list[str]:
     return sorted(set(registered) | set(_COMPILE_METRIC_ALIASES))
 
 
+def application_names() -> list[str]:
+    """The model constructors of keras.applications (InceptionV3, …)."""
+    applications = keras().applications
+    return sorted(name for name in dir(applications)
+                  if name[:1].isupper() and inspect.isfunction(getattr(applications, name)))
+
+
+def build_backbone(spec: BackboneSpec):
+    """The backbone model: built with random weights, then given the
+    weights file's (never downloaded), frozen as asked, cut at `cut_at`.
+    Returns (input tensor, output tensor)."""
+    from pathlib import Path
+
+    k = keras()
+    try:
+        model = getattr(k.applications, spec.name)(
+            input_shape=tuple(spec.input_shape), include_top=spec.include_top, weights=None)
+    except (TypeError, ValueError) as exc:
+        raise ModelError("model.backbone", f"{spec.name}: {exc}") from None
+    if spec.weights is not None:
+        path = Path(spec.weights).expanduser()
+        if not path.is_file():
+            raise ModelError("model.backbone.weights", f"no such weights file: {path}")
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:  # noqa: BLE001 - h5py and Keras raise many kinds for a file that does not fit
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError("model.backbone.weights", f"{path} does not fit {spec.name} "
+                                                       f"(include_top={spec.include_top}): {first}") from None
+    names = [layer.name for layer in model.layers]
+    for field, name in (("cut_at", spec.cut_at), ("trainable_from", spec.trainable_from)):
+        if name is not None and name not in names:
+            raise ModelError(f"model.backbone.{field}", f"{spec.name} has no layer '{name}'"
+                                                        f"{_suggest(name, names)}")
+    model.trainable = spec.trainable == "all" or spec.trainable_from is not None
+    if spec.trainable_from is not None:
+        for layer in model.layers[:names.index(spec.trainable_from)]:
+            layer.trainable = False
+    output = model.get_layer(spec.cut_at).output if spec.cut_at else model.output
+    return model.input, output
+
+
 def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
     """Every layer, optimizer, loss and metric name the spec uses, checked
     against Keras, as (field path, message with close matches)."""
@@ -81,6 +123,12 @@ def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
                 f"unknown layer '{layer.type}'{_suggest(layer.type, layers)} "
                 "(allowed: any Layer class of keras.layers, e.g. Dense, Dropout, Flatten, Conv2D)",
             ))
+    backbone = spec.model.backbone
+    if backbone is not None and backbone.name not in application_names():
+        problems.append(("model.backbone.name", f"unknown backbone '{backbone.name}'"
+                                                f"{_suggest(backbone.name, application_names())} "
+                                                "(allowed: a model in keras.applications, e.g. InceptionV3, "
+                                                "MobileNetV2, ResNet50)"))
     optimizers = optimizer_names()
     name = spec.compile.optimizer_spec.type
     if name.lower() not in optimizers:
@@ -112,14 +160,23 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
     k = keras()
     k.utils.set_random_seed(spec.seed)
     shape = tuple(spec.model.input_shape) if spec.model.input_shape else input_shape
-    layers = [k.Input(shape=shape)]
+    layers = []
     for i, layer in enumerate(spec.model.layers):
         try:
             layers.append(getattr(k.layers, layer.type)(**layer.arguments))
         except (TypeError, ValueError) as exc:
             raise ModelError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
+    name = spec.name.replace("-", "_").replace(".", "_")
     try:
-        model = k.Sequential(layers, name=spec.name.replace("-", "_").replace(".", "_"))
+        if spec.model.backbone is None:
+            model = k.Sequential([k.Input(shape=shape), *layers], name=name)
+        else:
+            inputs, x = build_backbone(spec.model.backbone)
+            for layer in layers:
+                x = layer(x)
+            model = k.Model(inputs, x, name=name)
+    except ModelError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ModelError("model.layers", str(exc).strip().splitlines()[0]) from None
     try:

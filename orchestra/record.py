@@ -79,6 +79,8 @@ class JobStatus(BaseModel):
     resumes: int = 0
     warnings: list[str] = Field(default_factory=list)
     heartbeat_at: float | None = None
+    class_names: list[str] | None = None
+    skipped_files: int = 0
 
 
 class JobRecord(BaseModel):
@@ -120,6 +122,9 @@ class JobRecord(BaseModel):
     heartbeat_at: float | None = Field(default=None, description="The driver's last sign of life (Unix time).")
     worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
+    class_names: list[str] | None = Field(default=None, description="An image folder's classes, in label order.")
+    skipped_files: int = Field(default=0, description="Files of an image folder that are not readable images.")
+    skipped_examples: list[str] = Field(default_factory=list, description="The first few skipped files.")
 
     def transition(self, new: JobState, reason: str | None = None) -> None:
         if new not in ALLOWED_TRANSITIONS[self.state]:

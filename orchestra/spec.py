@@ -81,6 +81,42 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
+class ImageFolderSpec(StrictModel):
+    """A class-per-subfolder tree of image files, as Keras's
+    `flow_from_directory` reads it: class names are the subfolder names,
+    sorted. Files that are not readable images are skipped and counted."""
+
+    train_dir: str = Field(min_length=1, description="Folder with one subfolder of images per class.")
+    validation_dir: str | None = Field(
+        default=None, description="The same layout for validation; or use data.validation_split."
+    )
+    target_size: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[256, 256], min_length=2, max_length=2, description="Height and width images are resized to."
+    )
+    color_mode: Literal["rgb", "grayscale"] = "rgb"
+    label_mode: Literal["binary", "categorical", "int"] = Field(
+        default="categorical",
+        description="binary: one 0/1 value (two classes); categorical: one-hot; int: class index.",
+    )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.target_size, 3 if self.color_mode == "rgb" else 1)
+
+
+class AugmentationSpec(StrictModel):
+    """Keras's `ImageDataGenerator` transforms, with its meaning and defaults."""
+
+    rotation_range: float = Field(default=0, ge=0, le=360, description="Degrees of random rotation.")
+    width_shift_range: float = Field(default=0, ge=0, lt=1, description="Fraction of the width.")
+    height_shift_range: float = Field(default=0, ge=0, lt=1, description="Fraction of the height.")
+    shear_range: float = Field(default=0, ge=0, le=360, description="Shear angle in degrees.")
+    zoom_range: float = Field(default=0, ge=0, lt=1, description="Zoom in [1 - z, 1 + z].")
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    fill_mode: Literal["constant", "nearest", "reflect", "wrap"] = "nearest"
+
+
 class DataSpec(StrictModel):
     """Where the examples come from and how they are prepared.
 
@@ -90,8 +126,8 @@ class DataSpec(StrictModel):
     Keras's arrays `x_train`, `y_train` and optionally `x_test`, `y_test`.
     """
 
-    source: str = Field(
-        min_length=1,
+    source: str | None = Field(
+        default=None, min_length=1,
         description="Keras dataset name (mnist, fashion_mnist, cifar10, ...) or path to an .npz file.",
     )
     rescale: float | None = Field(
@@ -126,6 +162,12 @@ class DataSpec(StrictModel):
         default=None, ge=1, description="Evaluate on only the first N test examples."
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed of the random split and subsets.")
+    images: ImageFolderSpec | None = Field(
+        default=None, description="Read a class-per-subfolder tree of image files instead of arrays."
+    )
+    augmentation: AugmentationSpec | None = Field(
+        default=None, description="Random transforms of training images (image folders only); never of validation."
+    )
 
     _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
 
@@ -138,6 +180,12 @@ class DataSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_way_to_validate(self) -> DataSpec:
+        if (self.source is None) == (self.images is None):
+            raise ValueError("give either source (arrays) or images (an image folder), exactly one")
+        if self.augmentation is not None and self.images is None:
+            raise ValueError("augmentation applies to image folders: give data.images")
+        if self.images is not None and self.validation_size is not None:
+            raise ValueError("an image folder takes validation_split or images.validation_dir, not validation_size")
         if self.validation_split is not None and self.validation_size is not None:
             raise ValueError(
                 "give either validation_split (a fraction) or validation_size "
@@ -149,7 +197,19 @@ class DataSpec(StrictModel):
 
     @property
     def has_validation(self) -> bool:
-        return self.validation_split is not None or self.validation_size is not None
+        folder = self.images is not None and self.images.validation_dir is not None
+        return folder or self.validation_split is not None or self.validation_size is not None
+
+    @property
+    def label_kind(self) -> str:
+        """`sparse`, `one_hot` or `binary`: how labels reach the loss."""
+        if self.images is None:
+            return self.labels
+        return {"int": "sparse", "categorical": "one_hot", "binary": "binary"}[self.images.label_mode]
+
+    @property
+    def label_field(self) -> str:
+        return "data.images.label_mode" if self.images is not None else "data.labels"
 
 
 class LayerSpec(BaseModel):
@@ -207,14 +267,47 @@ def _layer_argument_problem(value: Any, depth: int = 0) -> str | None:
             "use numbers, strings, booleans, null or lists of them")
 
 
+class BackboneSpec(StrictModel):
+    """A `keras.applications` model the layers are stacked on (functional API).
+
+    Weights come from a local file or nowhere: orchestra never downloads."""
+
+    name: str = Field(min_length=1, description="A model in keras.applications, e.g. InceptionV3, MobileNetV2.")
+    input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=3, max_length=3)
+    include_top: bool = False
+    weights: str | None = Field(default=None, description="Path of a weights file (.h5); none: random weights.")
+    trainable: Literal["all", "none"] = Field(default="none", description="Train the backbone's layers or freeze them.")
+    trainable_from: str | None = Field(
+        default=None, description="Freeze the backbone up to this layer; it and the layers after it train."
+    )
+    cut_at: str | None = Field(default=None, description="Use the output of this layer, e.g. mixed7.")
+
+    @field_validator("weights")
+    @classmethod
+    def _local_weights(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() == "imagenet":
+            raise ValueError(
+                "'imagenet' would download; give the path of a weights file you have (or null for random weights)"
+            )
+        return value
+
+
 class ModelSpec(StrictModel):
-    """A Sequential stack of Keras layers."""
+    """A Sequential stack of Keras layers, optionally on a backbone."""
+
+    backbone: BackboneSpec | None = Field(default=None, description="A keras.applications model to start from.")
 
     input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None,
         description="Shape of one example (without the batch axis); default: the data's shape.",
     )
-    layers: list[LayerSpec] = Field(min_length=1, description="Layers, first to last.")
+    layers: list[LayerSpec] = Field(min_length=1, description="Layers, first to last (after the backbone).")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ModelSpec:
+        if self.backbone is not None and self.input_shape is not None:
+            raise ValueError("the backbone's input_shape is the model's: leave model.input_shape out")
+        return self
 
 
 class OptimizerSpec(StrictModel):
@@ -372,18 +465,31 @@ class JobSpec(StrictModel):
         the path of the field to change."""
         problems = []
         loss = self.compile.loss
-        if loss in ONE_HOT_LOSSES and self.data.labels != "one_hot":
+        kind, field = self.data.label_kind, self.data.label_field
+        wanted = {"one_hot": "'one_hot'", "sparse": "'sparse'"}
+        if field == "data.images.label_mode":
+            wanted = {"one_hot": "'categorical'", "sparse": "'int'"}
+        if loss in ONE_HOT_LOSSES and kind != "one_hot":
             problems.append((
-                "data.labels",
-                f"is '{self.data.labels}' but compile.loss '{loss}' expects one-hot labels: "
-                "set data.labels to 'one_hot' or use 'sparse_categorical_crossentropy'",
+                field,
+                f"gives {kind} labels but compile.loss '{loss}' expects one-hot labels: "
+                f"set {field} to {wanted['one_hot']} or use 'sparse_categorical_crossentropy'",
             ))
-        if loss in SPARSE_LOSSES and self.data.labels != "sparse":
+        if loss in SPARSE_LOSSES and kind != "sparse":
             problems.append((
-                "data.labels",
-                f"is '{self.data.labels}' but compile.loss '{loss}' expects integer labels: "
-                "set data.labels to 'sparse' or use 'categorical_crossentropy'",
+                field,
+                f"gives {kind} labels but compile.loss '{loss}' expects integer labels: "
+                f"set {field} to {wanted['sparse']} or use 'categorical_crossentropy'",
             ))
+        if self.data.images is not None and self.model.backbone is not None:
+            if list(self.data.images.image_shape) != self.model.backbone.input_shape:
+                problems.append((
+                    "data.images.target_size",
+                    f"gives images of shape {list(self.data.images.image_shape)} but the backbone takes "
+                    f"{self.model.backbone.input_shape}",
+                ))
+        if self.fit.validation_steps is not None and not self.data.has_validation:
+            problems.append(("fit.validation_steps", "is set but the job has no validation data"))
         if self.fit.batch_size % self.scaling.workers:
             problems.append((
                 "fit.batch_size",

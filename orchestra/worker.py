@@ -132,15 +132,14 @@ def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, ch
     from orchestra.model import build_model
 
     start = channel.start(rank, os.getpid(), worker_group())
-    npz = Path(config["npz_path"]) if config["npz_path"] else None
-    arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))
+    train_examples, validation_examples, test_examples, input_shape = job_examples(spec, config)
     global_batch = spec.fit.batch_size
-    steps = spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(arrays.x_train), global_batch)
+    steps = spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(train_examples), global_batch)
     per_worker_batch = global_batch // world_size
     evaluation_batch = max(1, tuning.evaluation_batch_size(spec) // world_size)
 
     with strategy.scope():
-        model = build_model(spec, arrays.input_shape, tuning.steps_per_execution(spec, steps))
+        model = build_model(spec, input_shape, tuning.steps_per_execution(spec, steps))
 
     initial_epoch, best_weights = 0, None
     if start["checkpoint"] is not None:
@@ -155,8 +154,8 @@ def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, ch
                 best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
     train_data = strategy.distribute_datasets_from_function(
-        lambda _: data_lib.training_dataset(
-            arrays.x_train, arrays.y_train,
+        lambda _: data_lib.training_pipeline(
+            train_examples,
             global_batch=global_batch, rank=rank, world_size=world_size,
             shuffle=spec.fit.shuffle, seed=spec.seed, initial_epoch=initial_epoch,
             class_weight=spec.fit.class_weight,
@@ -165,17 +164,17 @@ def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, ch
         )
     )
 
-    def evaluation_data(x, y, per_worker_batch):
+    def evaluation_data(examples, per_worker_batch):
         return strategy.distribute_datasets_from_function(
-            lambda _: data_lib.evaluation_dataset(
-                x, y, per_worker_batch=per_worker_batch, rank=rank, world_size=world_size
+            lambda _: data_lib.evaluation_pipeline(
+                examples, per_worker_batch=per_worker_batch, rank=rank, world_size=world_size
             )
         )
 
     validation, validation_steps = None, None
-    if arrays.x_val is not None:
-        validation = evaluation_data(arrays.x_val, arrays.y_val, evaluation_batch)
-        validation_steps = data_lib.evaluation_steps(len(arrays.x_val), evaluation_batch, world_size)
+    if validation_examples is not None:
+        validation = evaluation_data(validation_examples, evaluation_batch)
+        validation_steps = data_lib.evaluation_steps(len(validation_examples), evaluation_batch, world_size)
         if spec.fit.validation_steps:
             validation_steps = min(validation_steps, spec.fit.validation_steps)
     board = spec.callbacks.tensorboard
@@ -201,10 +200,10 @@ def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, ch
         return
 
     test_metrics = None
-    if arrays.x_test is not None:
+    if test_examples is not None:
         results = model.evaluate(
-            evaluation_data(arrays.x_test, arrays.y_test, evaluation_batch),
-            steps=data_lib.evaluation_steps(len(arrays.x_test), evaluation_batch, world_size),
+            evaluation_data(test_examples, evaluation_batch),
+            steps=data_lib.evaluation_steps(len(test_examples), evaluation_batch, world_size),
             verbose=0,
             return_dict=True,
         )
@@ -213,6 +212,33 @@ def train(spec, config: dict[str, Any], rank: int, world_size: int, strategy, ch
     collective_save(model, model_dir, rank, weights_only=False)
     if rank == 0:
         channel.finished({"test_metrics": test_metrics, "model_path": str(model_dir)})
+
+
+def job_examples(spec, config: dict[str, Any]):
+    """The job's (training, validation, test) examples and the shape of one:
+    arrays from the spec's source, or the image files the driver listed.
+    Validation and test may be None."""
+    from orchestra import data as data_lib
+
+    lists = config.get("images")
+    if lists is None:
+        npz = Path(config["npz_path"]) if config["npz_path"] else None
+        arrays = data_lib.prepare(spec.data, npz, Path(config["datasets_dir"]))
+        test = None if arrays.x_test is None else data_lib.ArrayExamples(arrays.x_test, arrays.y_test)
+        validation = None if arrays.x_val is None else data_lib.ArrayExamples(arrays.x_val, arrays.y_val)
+        return data_lib.ArrayExamples(arrays.x_train, arrays.y_train), validation, test, arrays.input_shape
+    import numpy as np
+
+    from orchestra.images import FolderExamples, FolderIndex
+
+    def examples(name: str):
+        listed = lists[name]
+        if listed is None:
+            return None
+        index = FolderIndex(listed["files"], np.array(listed["labels"], np.int64), listed["class_names"])
+        return FolderExamples(index, spec.data, threads=spec.data_loader.processes, seed=spec.seed)
+
+    return examples("train"), examples("validation"), None, spec.data.images.image_shape
 
 
 def worker_group() -> str:

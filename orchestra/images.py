@@ -1,0 +1,198 @@
+"""Image folders: a class-per-subfolder tree → per-worker batches.
+
+The files are listed (and each checked to be a readable image) once, on
+the driver; the workers get the list and share every global batch as they
+do with arrays (`data.training_pipeline`), so each file is read once per
+epoch across the job. A batch is decoded and augmented by a pool of
+`data_loader.processes` threads (Pillow and SciPy release the GIL while
+they work); the transforms are Keras's `ImageDataGenerator` ones, drawn
+from a generator seeded by (seed, epoch, file), and training batches only
+are augmented.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orchestra.data import DataError
+from orchestra.spec import AugmentationSpec, DataSpec, ImageFolderSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+@dataclass
+class FolderIndex:
+    """The readable images of a tree, their class indices, and what was skipped."""
+
+    files: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageSplits:
+    train: FolderIndex
+    validation: FolderIndex | None
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.train.skipped + (self.validation.skipped if self.validation else [])
+
+
+def is_readable_image(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def index_folder(folder: str, field_name: str, class_names: list[str] | None = None) -> FolderIndex:
+    """Every file under `folder/<class>/`, sorted; classes are the sorted
+    subfolder names (or `class_names`, those of the training folder).
+
+    Args:
+        folder: the tree's root.
+        field_name: the spec field that names it, for errors.
+        class_names: the classes to expect; default: the subfolders found.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(field_name, f"no such folder: {root}")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = class_names or found
+    if len(names) < 2:
+        raise DataError(field_name, f"{root} needs a subfolder per class (at least 2); found {found or 'none'}")
+    files, labels, skipped = [], [], []
+    for label, name in enumerate(names):
+        for path in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES and is_readable_image(path):
+                files.append(str(path.resolve()))
+                labels.append(label)
+            else:
+                skipped.append(str(path))
+    if not files:
+        raise DataError(field_name, f"{root} has no readable images in {', '.join(names)}")
+    return FolderIndex(files, np.array(labels, np.int64), list(names), skipped)
+
+
+def split_folders(spec: DataSpec) -> ImageSplits:
+    """The training and validation images a spec's `data.images` names."""
+    images = spec.images
+    train = index_folder(images.train_dir, "data.images.train_dir")
+    validation = None
+    if images.validation_dir is not None:
+        validation = index_folder(images.validation_dir, "data.images.validation_dir", train.class_names)
+    elif spec.validation_split is not None:
+        order = np.random.default_rng(spec.seed).permutation(len(train.files))
+        n_val = int(np.ceil(spec.validation_split * len(order)))
+        keep, held = np.sort(order[n_val:]), np.sort(order[:n_val])
+        validation = FolderIndex([train.files[i] for i in held], train.labels[held], train.class_names)
+        train = FolderIndex([train.files[i] for i in keep], train.labels[keep], train.class_names, train.skipped)
+    return ImageSplits(train, validation)
+
+
+def encode_labels(classes: np.ndarray, label_mode: str, num_classes: int) -> np.ndarray:
+    """Class indices as Keras's `label_mode` gives them."""
+    if label_mode == "categorical":
+        return np.eye(num_classes, dtype=np.float32)[classes]
+    if label_mode == "binary":
+        return classes.astype(np.float32).reshape(-1, 1)
+    return classes.astype(np.int32)
+
+
+def decode(path: str, images: ImageFolderSpec) -> np.ndarray:
+    """One file as float32 (height, width, channels), resized as Keras's
+    `load_img` does by default (nearest neighbour)."""
+    from PIL import Image
+
+    height, width = images.target_size
+    with Image.open(path) as image:
+        image = image.convert("RGB" if images.color_mode == "rgb" else "L")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.NEAREST)
+        array = np.asarray(image, dtype=np.float32)
+    return array if array.ndim == 3 else array[..., None]
+
+
+def augment(x: np.ndarray, spec: AugmentationSpec, rng: np.random.Generator) -> np.ndarray:
+    """A random transform drawn as `ImageDataGenerator.get_random_transform`
+    draws it, applied by Keras's own `apply_affine_transform`."""
+    from orchestra.keras_compat import keras
+
+    image = keras().preprocessing.image
+    rows, cols = x.shape[0], x.shape[1]
+    theta = rng.uniform(-spec.rotation_range, spec.rotation_range) if spec.rotation_range else 0
+    tx = rng.uniform(-spec.height_shift_range, spec.height_shift_range) * rows if spec.height_shift_range else 0
+    ty = rng.uniform(-spec.width_shift_range, spec.width_shift_range) * cols if spec.width_shift_range else 0
+    shear = rng.uniform(-spec.shear_range, spec.shear_range) if spec.shear_range else 0
+    zx, zy = rng.uniform(1 - spec.zoom_range, 1 + spec.zoom_range, 2) if spec.zoom_range else (1, 1)
+    x = image.apply_affine_transform(
+        x, theta=theta, tx=tx, ty=ty, shear=shear, zx=zx, zy=zy,
+        row_axis=0, col_axis=1, channel_axis=2, fill_mode=spec.fill_mode, cval=0.0, order=1,
+    )
+    if spec.horizontal_flip and rng.random() < 0.5:
+        x = x[:, ::-1]
+    if spec.vertical_flip and rng.random() < 0.5:
+        x = x[::-1]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class FolderExamples:
+    """Images read from files on demand, for `data.training_pipeline`.
+
+    Args:
+        index: the files and their classes.
+        spec: the job's `data` section (target size, colour, labels,
+            rescale, augmentation).
+        threads: the decoding pool's size (`data_loader.processes`).
+        seed: seeds the augmentation with (seed, epoch, file index).
+    """
+
+    def __init__(self, index: FolderIndex, spec: DataSpec, threads: int, seed: int):
+        self.index, self.spec, self.seed = index, spec, seed
+        self.y = encode_labels(index.labels, spec.images.label_mode, len(index.class_names))
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="orchestra-images")
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y
+
+    def load(self, i: int, epoch: int) -> np.ndarray:
+        """Example `i` as the model sees it; augmented when `epoch` >= 0."""
+        x = decode(self.index.files[i], self.spec.images)
+        if self.spec.augmentation is not None and epoch >= 0:
+            x = augment(x, self.spec.augmentation, np.random.default_rng([self.seed, epoch, i]))
+        if self.spec.rescale is not None:
+            x *= np.float32(self.spec.rescale)
+        return x
+
+    def load_batch(self, indices: np.ndarray, epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        images = list(self.pool.map(lambda i: self.load(int(i), int(epoch)), indices))
+        return np.stack(images), self.y[indices]
+
+    def fetch(self, indices, epoch):
+        import tensorflow as tf
+
+        label_type = tf.int32 if self.y.dtype == np.int32 else tf.float32
+        x, y = tf.numpy_function(self.load_batch, [indices, epoch], [tf.float32, label_type], stateful=False)
+        x.set_shape([None, *self.spec.images.image_shape])
+        y.set_shape([None, *self.y.shape[1:]])
+        return x, y
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every example, unaugmented, in memory (for evaluate and predict)."""
+        return self.load_batch(np.arange(len(self)), np.int64(-1))

@@ -1,0 +1,144 @@
+"""A finished job's model put to use: evaluate it on data, predict classes.
+
+Both run in this process with plain Keras (no workers): the model is the
+job's best checkpoint when it has one, else the model training ended with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestra.data import DataError
+from pydantic import ValidationError
+
+from orchestra.spec import DataSpec, JobSpec, SpecError, problems_of
+
+
+def _job(job_id: str, storage: str | None):
+    from orchestra.storage import Storage, storage_root
+
+    store = Storage(storage_root(storage))
+    return store, store.read_record(job_id)
+
+
+def load_job_model(job_id: str, storage: str | None = None, checkpoint: str | None = None):
+    """(model, record): `checkpoint` None picks the best checkpoint if the job
+    has one, else its final model; "best", "latest" or "final" choose."""
+    from orchestra.client import load_model
+
+    _, record = _job(job_id, storage)
+    if checkpoint is None:
+        checkpoint = "best" if record.best_checkpoint else "final"
+    model = load_model(job_id, storage=storage, checkpoint=None if checkpoint == "final" else checkpoint)
+    return model, record
+
+
+def _data_spec(record, overrides: dict[str, Any] | None) -> DataSpec:
+    """The job's data section with `overrides` merged in (validated)."""
+    data = dict(record.spec["data"])
+    overrides = overrides or {}
+    if "source" in overrides:
+        data.pop("images", None)
+        data.pop("augmentation", None)
+    if "images" in overrides:
+        data.pop("source", None)
+    data.update(overrides)
+    try:
+        return JobSpec.model_validate(dict(record.spec, data=data)).data
+    except ValidationError as exc:
+        problems = [(path, message) for path, message in problems_of(exc) if path.startswith("data")]
+        if problems:
+            raise SpecError(problems, "--data") from None
+    # Rules of the whole job (e.g. what a callback monitors) may not hold for other data; the data must.
+    return DataSpec.model_validate(data)
+
+
+def evaluation_arrays(data: DataSpec, datasets: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(x, y, which set): the test arrays when the data has them, else the
+    validation set, else the training set, all unaugmented."""
+    from orchestra import data as data_lib
+
+    if data.images is not None:
+        from orchestra.images import FolderExamples, split_folders
+
+        splits = split_folders(data)
+        which, index = ("validation", splits.validation) if splits.validation else ("training", splits.train)
+        x, y = FolderExamples(index, data, threads=4, seed=0).arrays()
+        return x, y, which
+    directory = data_lib.datasets_dir(datasets)
+    arrays = data_lib.prepare(data, data_lib.resolve_source(data.source, directory), directory)
+    for which, x, y in (("test", arrays.x_test, arrays.y_test), ("validation", arrays.x_val, arrays.y_val)):
+        if x is not None:
+            return x, y, which
+    return arrays.x_train, arrays.y_train, "training"
+
+
+def evaluate(job_id: str, data: dict[str, Any] | None = None, storage: str | None = None,
+             checkpoint: str | None = None, datasets: str | None = None) -> dict[str, Any]:
+    """Evaluate a job's model with Keras's `evaluate`.
+
+    Args:
+        job_id: the job.
+        data: fields of the spec's `data` section to replace, e.g.
+            `{"source": "other.npz"}` or `{"test_size": 100}`; default: the
+            job's own data (its test set, else its validation set).
+        storage: the storage root.
+        checkpoint: None (best checkpoint, else final model), "best",
+            "latest" or "final".
+        datasets: the dataset directory.
+
+    Returns:
+        {"metrics": {name: value}, "examples": n, "set": which set}.
+    """
+    model, record = load_job_model(job_id, storage, checkpoint)
+    try:
+        x, y, which = evaluation_arrays(_data_spec(record, data), datasets)
+    except DataError as exc:
+        raise SpecError([(exc.field, str(exc))], "--data") from None
+    results = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
+    return {"metrics": {k: float(v) for k, v in results.items()}, "examples": int(len(x)), "set": which}
+
+
+def predict(job_id: str, input_path: str | Path, output_path: str | Path, storage: str | None = None,
+            checkpoint: str | None = None) -> dict[str, Any]:
+    """Write a job's predictions for the examples in an `.npz` file.
+
+    Args:
+        input_path: an `.npz` with the raw examples under `x` (or its only
+            array), prepared as the job's data was (rescale, flatten, …).
+        output_path: the `.npz` to write: `probabilities` (the model's
+            outputs), `classes` (the predicted class of each example) and,
+            for image folders, `class_names`.
+
+    Returns:
+        {"examples": n, "output": path, "classes": counts by class}.
+    """
+    from orchestra import data as data_lib
+
+    model, record = load_job_model(job_id, storage, checkpoint)
+    data = DataSpec.model_validate(record.spec["data"])
+    try:
+        with np.load(input_path) as npz:
+            key = "x" if "x" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
+            if key is None:
+                raise SpecError([("INPUT", f"{input_path} has {', '.join(npz.files)}; put the examples under 'x'")],
+                                str(input_path))
+            x = npz[key]
+    except (OSError, ValueError) as exc:
+        raise SpecError([("INPUT", f"cannot read {input_path} as .npz: {exc}")], str(input_path)) from None
+    try:
+        x = data_lib.prepare_features(x, data)
+    except DataError as exc:
+        raise SpecError([(exc.field, str(exc))], str(input_path)) from None
+    probabilities = model.predict(x, batch_size=256, verbose=0)
+    if probabilities.shape[-1] == 1:
+        classes = (probabilities[:, 0] > 0.5).astype(np.int64)
+    else:
+        classes = probabilities.argmax(axis=-1)
+    extra = {"class_names": np.array(record.class_names)} if record.class_names else {}
+    np.savez(output_path, probabilities=probabilities, classes=classes, **extra)
+    counts = np.bincount(classes, minlength=probabilities.shape[-1] if probabilities.shape[-1] > 1 else 2)
+    return {"examples": int(len(x)), "output": str(output_path), "classes": counts.tolist()}
