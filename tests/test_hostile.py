@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def valid_spec() -> dict:
     }
 
 
-def validate(tmp_path, text: str, datasets) -> tuple[int, str, object]:
+def validate(tmp_path, text: str, datasets) -> tuple[Path, Path, list[str]]:
+    """The spec file, its storage root and the `orchestra validate` arguments for `text`."""
     spec = tmp_path / "spec.json"
     spec.write_text(text)
     storage = tmp_path / "storage"
