@@ -3,7 +3,8 @@
 Exit codes: 0 success, 1 the job failed or was stopped, 2 bad input or an
 unreachable cluster (nothing was started and no job folder was made; for
 `resume`, a job that is not STOPPED or FAILED),
-3 `wait --timeout` ran out, 130 you stopped following a job that goes on.
+3 `wait --timeout` ran out (or `cancel` waited in vain), 130 you stopped
+following a job that goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from orchestra.board import DEFAULT_HOST, DEFAULT_PORT
 from orchestra.remote import ClusterError, submission_address
 from orchestra.resume import ResumeError
-from orchestra.spec import SpecError, json_schema, load_spec
+from orchestra.spec import FieldError, SpecError, json_schema, load_spec, parse_spec
 from orchestra.storage import StorageError
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -140,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (StorageError, ClusterError, ResumeError) as exc:
+    except FieldError as exc:
+        print(f"orchestra: {exc.field}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (StorageError, ClusterError, ResumeError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -176,8 +180,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     address = None if args.job_id else submission_address(args.address)
-    if address and args.in_process:
-        raise SpecError([("--in-process", "trains in this process; it does not go with --address")], args.spec)
+    if args.in_process and (address or args.detach):
+        raise SpecError([("--in-process", "trains in this process, in the foreground; "
+                                          "it does not go with --address or --detach")], args.spec)
     if address or args.detach:
         return _submit_to_client(args, address)
     return _run_here(args)
@@ -186,7 +191,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _run_here(args: argparse.Namespace) -> int:
     """Drive the job from this process, to its end."""
     from orchestra import events
-    from orchestra.dispatch import create_job, run_in_process, run_job
+    from orchestra.dispatch import create_job
 
     prepared = _prepare(args)
     if args.status_lines:
@@ -224,8 +229,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a STOPPED or FAILED job here, from its latest checkpoint."""
     from orchestra.dispatch import cluster_address
     from orchestra.preflight import preflight
-    from orchestra.resume import check_resumable, reopen
-    from orchestra.spec import JobSpec
+    from orchestra.resume import check_resumable, check_same_classes, reopen
     from orchestra.storage import Storage, storage_root
 
     if submission_address(args.address):
@@ -237,9 +241,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_OK
     root = storage_root(args.storage)
     record = check_resumable(Storage(root), args.job_id)
-    prepared = preflight(JobSpec.model_validate(record.spec), storage=str(root),
+    prepared = preflight(parse_spec(json.dumps(record.spec), args.job_id), storage=str(root),
                          datasets=args.datasets, source=args.job_id,
                          check_cluster=record.mode == "ray" and cluster_address() is None)
+    check_same_classes(record, prepared.images.train.class_names if prepared.images else None)
     record, checkpoint = reopen(prepared.storage, args.job_id)
     return _drive_here(args, prepared, record, resume_from=checkpoint)
 
@@ -325,7 +330,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    status = _client(args).cancel(args.job_id)
+    try:
+        status = _client(args).cancel(args.job_id)
+    except TimeoutError as exc:
+        print(f"orchestra: asked the job to stop; {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
     print(json.dumps(status.model_dump(mode="json"), indent=1) if args.json else _summary(status.model_dump(mode="json")))
     return EXIT_OK
 
@@ -340,8 +349,6 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
-    import time
-
     from orchestra.board import BoardError, is_loopback, job_logdirs, serve
     from orchestra.storage import Storage, storage_root
 

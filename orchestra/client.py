@@ -59,6 +59,7 @@ class Client:
         return self._jobs.submit(spec, storage=storage, workers=workers, datasets=datasets)
 
     def status(self, job_id: str) -> JobStatus:
+        """The job's status now: the fields of `orchestra status --json`."""
         return self._jobs.status(job_id)
 
     def list(self) -> list[JobStatus]:
@@ -101,10 +102,15 @@ class Client:
             datasets: the dataset directory (default: ORCHESTRA_DATASETS).
         """
         if self.address:
-            raise NotImplementedError("resume works on this machine's storage: use Client(storage=...)")
+            raise NotImplementedError("resume runs a driver on the machine that holds the storage: "
+                                      "there, use Client(storage=PATH).resume(job_id)")
         self._jobs.resume(job_id, datasets=datasets)
 
+    # These read the job's files from this machine: on a cluster, give the
+    # Client the storage's mount here (`Client(address, storage=PATH)`).
+
     def load_model(self, job_id: str, checkpoint: str | None = None):
+        """`orchestra.load_model` on this client's storage."""
         return load_model(job_id, storage=str(self.storage.root), checkpoint=checkpoint)
 
     def evaluate(self, job_id: str, data: dict[str, Any] | None = None, checkpoint: str | None = None,
@@ -127,8 +133,8 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
     Args:
         job_id: the job.
         storage: its storage root (default: ORCHESTRA_STORAGE or ~/orchestra_storage).
-        checkpoint: None for the model training ended with (the one
-            `test_metrics` evaluates; the best epoch's under
+        checkpoint: None or `"final"` for the model training ended with
+            (the one `test_metrics` evaluates; the best epoch's under
             `restore_best_weights`), `"best"` for the best checkpoint,
             `"latest"` for the newest one.
     """
@@ -139,14 +145,14 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
 
     store = Storage(storage_root(storage))
     record = store.read_record(job_id)
-    if checkpoint is None:
+    if checkpoint in (None, "final"):
         directory = record.model_path
     elif checkpoint == "best":
         directory = record.best_checkpoint
     elif checkpoint == "latest":
         directory = record.checkpoints[-1].path if record.checkpoints else None
     else:
-        raise ValueError(f"checkpoint must be None, 'best' or 'latest', not {checkpoint!r}")
+        raise ValueError(f"checkpoint must be 'final', 'best' or 'latest', not {checkpoint!r}")
     if directory is None:
         raise FileNotFoundError(f"job {job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
     path = model_file(directory)

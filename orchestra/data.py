@@ -16,19 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestra.spec import DataSpec
+from orchestra.spec import DataSpec, FieldError
 
 DATASETS_ENV = "ORCHESTRA_DATASETS"
 DEFAULT_DATASETS_DIR = Path("~/orchestra_datasets").expanduser()
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "boston_housing")
 
 
-class DataError(ValueError):
+class DataError(FieldError):
     """The data a spec names cannot be found or read; `field` is its spec path."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
 
 
 def datasets_dir(override: str | os.PathLike | None = None) -> Path:

@@ -193,6 +193,7 @@ def run_job(
         resume_from: for a resumed job (`record.resumes`), the checkpoint
             `{"epoch", "path"}` it continues from, or None: from the start.
     """
+    stop_on_signals()  # while Ray starts, too; again once it has (_run_on_ray)
     with _record_outcome(prepared, record):
         _run_on_ray(prepared, record, progress, resume_from)
     return record

@@ -45,13 +45,17 @@ class ImageSplits:
 
 
 def is_readable_image(path: Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
+    """Whether Pillow decodes the whole file: `verify` alone passes a
+    truncated JPEG, whose pixels fail only when they are read."""
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.verify()
+        with Image.open(path) as image:
+            image.load()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds (DecompressionBombError is none of OSError's)
         return False
 
 

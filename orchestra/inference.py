@@ -32,7 +32,7 @@ def load_job_model(job_id: str, storage: str | None = None, checkpoint: str | No
     _, record = _job(job_id, storage)
     if checkpoint is None:
         checkpoint = "best" if record.best_checkpoint else "final"
-    model = load_model(job_id, storage=storage, checkpoint=None if checkpoint == "final" else checkpoint)
+    model = load_model(job_id, storage=storage, checkpoint=checkpoint)
     return model, record
 
 

@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from orchestra.keras_compat import keras
-from orchestra.spec import BackboneSpec, JobSpec, OptimizerSpec
+from orchestra.spec import BackboneSpec, FieldError, JobSpec, OptimizerSpec
 
 # Strings `compile` accepts as metrics without a registry entry.
 _COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
@@ -191,7 +191,5 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
     return model
 
 
-class ModelError(ValueError):
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
+class ModelError(FieldError):
+    """The model a spec names cannot be built; `field` is its spec path."""

@@ -52,6 +52,14 @@ def latest_checkpoint(storage: Storage, job_id: str) -> dict[str, Any] | None:
     return {"epoch": epoch, "path": str(path)}
 
 
+def check_same_classes(record: JobRecord, class_names: list[str] | None) -> None:
+    """ResumeError if an image job's folder no longer has the classes it
+    started with: its labels are their positions."""
+    if record.class_names and class_names != record.class_names:
+        raise ResumeError(f"job {record.job_id} started on the classes {record.class_names} and its image folder "
+                          f"now has {class_names}: restore the folder, or submit a new job")
+
+
 def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, dict[str, Any] | None]:
     """Turn a STOPPED or FAILED job back to PENDING, owned by this process;
     return its record and the checkpoint it resumes from."""

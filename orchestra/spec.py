@@ -64,10 +64,13 @@ def _snake_case(name: str) -> str:
 _PATH_END = " :: "
 
 
+PATH_MAX = 4096  # Linux's limit; a longer path fails in the OS, not here
+
+
 class StrictModel(BaseModel):
     """Base for every spec section: unknown fields are errors, not ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _parse_fraction(value: Any) -> Any:
@@ -86,9 +89,9 @@ class ImageFolderSpec(StrictModel):
     `flow_from_directory` reads it: class names are the subfolder names,
     sorted. Files that are not readable images are skipped and counted."""
 
-    train_dir: str = Field(min_length=1, description="Folder with one subfolder of images per class.")
+    train_dir: str = Field(min_length=1, max_length=PATH_MAX, description="Folder with one subfolder of images per class.")
     validation_dir: str | None = Field(
-        default=None, description="The same layout for validation; or use data.validation_split."
+        default=None, max_length=PATH_MAX, description="The same layout for validation; or use data.validation_split."
     )
     target_size: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default=[256, 256], min_length=2, max_length=2, description="Height and width images are resized to."
@@ -127,7 +130,7 @@ class DataSpec(StrictModel):
     """
 
     source: str | None = Field(
-        default=None, min_length=1,
+        default=None, min_length=1, max_length=PATH_MAX,
         description="Keras dataset name (mnist, fashion_mnist, cifar10, ...) or path to an .npz file.",
     )
     rescale: float | None = Field(
@@ -275,7 +278,7 @@ class BackboneSpec(StrictModel):
     name: str = Field(min_length=1, description="A model in keras.applications, e.g. InceptionV3, MobileNetV2.")
     input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=3, max_length=3)
     include_top: bool = False
-    weights: str | None = Field(default=None, description="Path of a weights file (.h5); none: random weights.")
+    weights: str | None = Field(default=None, max_length=PATH_MAX, description="Path of a weights file (.h5); none: random weights.")
     trainable: Literal["all", "none"] = Field(default="none", description="Train the backbone's layers or freeze them.")
     trainable_from: str | None = Field(
         default=None, description="Freeze the backbone up to this layer; it and the layers after it train."
@@ -454,7 +457,7 @@ class JobSpec(StrictModel):
     data_loader: DataLoaderSpec = Field(default_factory=DataLoaderSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     storage: str | None = Field(
-        default=None,
+        default=None, max_length=PATH_MAX,
         description="Root of the shared storage (a path); --storage and ORCHESTRA_STORAGE override it; "
         "default ~/orchestra_storage.",
     )
@@ -537,6 +540,16 @@ class JobSpec(StrictModel):
             return JobSpec.model_validate(data)
         except ValidationError as exc:
             raise SpecError(problems_of(exc), source) from None
+
+
+class FieldError(ValueError):
+    """A spec field whose files or names turn out wrong when they are used
+    (a folder that is not there, a weights file that does not fit);
+    `field` is its spec path."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
 
 
 class SpecError(Exception):

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from orchestra import cli
 from orchestra.board import DEFAULT_HOST
+from orchestra.spec import JobSpec
 
 HOSTILE_IDS = ["../outside", "/etc/passwd", "a/../../b", "..", ".hidden", "job\nid", "job\n", "jöb", "a b",
                "x" * 200, "~root", "job;rm -rf /"]
@@ -156,3 +158,33 @@ def test_fuzzed_specs_are_refused_with_a_field_path(tmp_path_factory, tiny_datas
 def test_the_valid_spec_of_the_fuzz_is_valid(tmp_path, tiny_datasets, capsys):
     spec, storage, args = validate(tmp_path, json.dumps(valid_spec()), tiny_datasets)
     assert cli.main(args) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [("data", "source"), ("storage",), ("data", "images", "train_dir"),
+                                  ("model", "backbone", "weights")])
+def test_a_path_longer_than_the_os_allows_is_refused_by_its_field(tmp_path, tiny_datasets, capsys, path):
+    spec = valid_spec()
+    if path[1:2] == ("images",):
+        spec["data"] = {"images": {"train_dir": "x"}, "validation_split": 0.2}
+    if path[1:2] == ("backbone",):
+        spec["model"]["backbone"] = {"name": "MobileNetV2", "input_shape": [32, 32, 3]}
+    _set(spec, path, "/tmp/" + "x" * 5000 + ".npz")
+    spec_file, storage, args = validate(tmp_path, json.dumps(spec), tiny_datasets)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"  {'.'.join(path)}: String should have at most 4096 characters" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_spec_built_in_python_refuses_infinity_too():
+    spec = valid_spec()
+    spec["compile"]["optimizer"]["learning_rate"] = math.inf
+    with pytest.raises(ValidationError, match="finite number"):
+        JobSpec.model_validate(spec)
+
+
+def test_in_process_is_a_foreground_run(tmp_path, capsys, tiny_datasets):
+    spec, storage, _ = validate(tmp_path, json.dumps(valid_spec()), tiny_datasets)
+    assert cli.main(["submit", str(spec), "--detach", "--in-process", "--storage", str(storage)]) == 2
+    assert "--in-process: trains in this process, in the foreground" in capsys.readouterr().err
+    assert not storage.exists()

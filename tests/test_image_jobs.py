@@ -4,6 +4,7 @@ its best checkpoint; `validate --schema-only` for specs written elsewhere."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -91,6 +92,24 @@ def test_evaluate_and_predict_use_the_best_checkpoint(image_job, tmp_path):
     other_data = {"images": {"train_dir": str(root / "train"), "target_size": [24, 24]}, "augmentation": None}
     other = orchestra.Client(storage=storage).evaluate(job_id, data=other_data)
     assert other["set"] == "training" and other["examples"] == 24
+
+
+@pytest.mark.integration
+def test_resume_refuses_an_image_folder_whose_classes_changed(image_job, tmp_path):
+    root, job_id = image_job["root"], image_job["job_id"]
+    shutil.copytree(root / "storage" / job_id, tmp_path / job_id)
+    record_file = tmp_path / job_id / "job.json"
+    record_file.write_text(json.dumps({**json.loads(record_file.read_text()), "state": "FAILED"}))
+    added = root / "train" / "triangle"
+    shutil.copytree(root / "train" / "circle", added)
+    try:
+        result = run_cli("resume", job_id, "--storage", tmp_path)
+    finally:
+        shutil.rmtree(added)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "started on the classes ['circle', 'square']" in result.stderr
+    assert "now has ['circle', 'square', 'triangle']" in result.stderr
+    assert json.loads(record_file.read_text())["state"] == "FAILED"
 
 
 def test_schema_only_skips_the_files_a_spec_names(tmp_path):

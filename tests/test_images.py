@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from orchestra import data as data_lib
 from orchestra.images import FolderExamples, index_folder, split_folders
@@ -19,7 +24,19 @@ def tree(tmp_path_factory):
     root = write_image_tree(tmp_path_factory.mktemp("images") / "train", per_class=8, size=24)
     (root / "circle" / "truncated.png").write_bytes((root / "circle" / "0000.png").read_bytes()[:40])
     (root / "square" / "notes.txt").write_text("not an image")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (24, 24), "red").save(jpeg, "JPEG")
+    (root / "square" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 2 // 3])
+    (root / "square" / "bomb.png").write_bytes(png_header(20000, 20000))
     return root
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is huge: Pillow refuses it as a decompression bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def data_spec(tree, **extra) -> DataSpec:
@@ -33,7 +50,7 @@ def test_unreadable_files_are_skipped_and_counted(tree):
     index = index_folder(str(tree), "data.images.train_dir")
     assert index.class_names == ["circle", "square"]
     assert len(index.files) == 16 and np.bincount(index.labels).tolist() == [8, 8]
-    assert sorted(p.rsplit("/", 1)[1] for p in index.skipped) == ["notes.txt", "truncated.png"]
+    assert sorted(p.rsplit("/", 1)[1] for p in index.skipped) == ["bomb.png", "cut.jpg", "notes.txt", "truncated.png"]
 
 
 def test_validation_split_is_disjoint_and_seeded(tree):

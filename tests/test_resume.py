@@ -132,3 +132,29 @@ def test_tensorboard_rolled_back_to_a_checkpoint_has_no_duplicate_steps(tmp_path
     assert board_steps(tmp_path / "validation", "epoch_loss") == [1, 2, 3, 4, 5]
     assert board_steps(tmp_path / "train", "batch_loss") == list(range(1, 16))
     assert board_steps(tmp_path, "_hparams_/session_start_info") == [0]  # hyperparameters written once
+
+
+def test_an_event_file_cut_short_by_a_killed_driver_is_rolled_back_to_its_whole_records(tmp_path):
+    def epoch(board, number):
+        board.on_epoch_end(EpochResult(number, {"loss": 1.0 / number, "val_loss": 2.0 / number}, 1.0, 10.0), Decision())
+
+    board = TensorBoard(tmp_path)
+    board.on_job_start("job-1")
+    for number in (1, 2, 3):
+        epoch(board, number)
+    board.on_job_end({})
+    (events,) = (tmp_path / "train").glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:-7])  # the last record, half written
+    resumed = TensorBoard(tmp_path)
+    resumed.on_job_start("job-1")
+    resumed.load_state_dict({"epoch": 2, "steps": 0})
+    epoch(resumed, 3)
+    resumed.on_job_end({})
+    assert board_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3]
+
+
+def test_evaluating_a_job_that_has_no_model_yet_is_a_clear_error(tmp_path, capsys):
+    running_record(Storage(tmp_path))
+    assert main(["evaluate", "job-1", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "orchestra: job job-1 (RUNNING) has no final model\n"

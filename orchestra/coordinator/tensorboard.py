@@ -122,11 +122,17 @@ class TensorBoard(CoordinatorCallback):
 
 def drop_events_after(path: Path, epoch: int, batch_step: int) -> None:
     """Rewrite an event file without the events past `epoch` (`batch_loss`:
-    past the global step `batch_step`); atomically, and only if needed."""
+    past the global step `batch_step`), and without a record cut short by a
+    killed driver; atomically, and only if needed."""
     from tensorboard.compat.proto.event_pb2 import Event
 
     tf = tensorflow()
-    records = [bytes(raw) for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()]
+    records, complete = [], True
+    try:
+        for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            records.append(bytes(raw))
+    except tf.errors.DataLossError:
+        complete = False
     kept = []
     for raw in records:
         event = Event.FromString(raw)
@@ -134,7 +140,7 @@ def drop_events_after(path: Path, epoch: int, batch_step: int) -> None:
         limit = batch_step if "batch_loss" in tags else epoch
         if not tags or event.step <= limit:
             kept.append(raw)
-    if len(kept) == len(records):
+    if complete and len(kept) == len(records):
         return
     staging = path.with_name(f".{path.name}.rollback")
     with tf.io.TFRecordWriter(str(staging)) as writer:
