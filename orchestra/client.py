@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from orchestra.local_jobs import LocalJobs
-from orchestra.record import JobStatus
+from orchestra.record import JobRecord, JobStatus
 from orchestra.remote import RayJobs, submission_address
 from orchestra.spec import JobSpec, load_spec
 from orchestra.storage import Storage, storage_root
@@ -138,13 +138,16 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
             `restore_best_weights`), `"best"` for the best checkpoint,
             `"latest"` for the newest one.
     """
+    return load_record_model(Storage(storage_root(storage)).read_record(job_id), checkpoint)
+
+
+def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
+    """`load_model` for a job record already read."""
     from orchestra.keras_compat import keras
     from orchestra.model import build_model
     from orchestra.spec import JobSpec
     from orchestra.worker import model_file
 
-    store = Storage(storage_root(storage))
-    record = store.read_record(job_id)
     if checkpoint in (None, "final"):
         directory = record.model_path
     elif checkpoint == "best":
@@ -154,7 +157,7 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
     else:
         raise ValueError(f"checkpoint must be 'final', 'best' or 'latest', not {checkpoint!r}")
     if directory is None:
-        raise FileNotFoundError(f"job {job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
+        raise FileNotFoundError(f"job {record.job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
     path = model_file(directory)
     if path.name.endswith(".keras"):
         return keras().models.load_model(str(path))

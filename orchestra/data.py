@@ -125,9 +125,6 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
 
     num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
 
-    def features(a: np.ndarray) -> np.ndarray:
-        return prepare_features(a, spec)
-
     def labels(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
         if num_classes is None:
@@ -139,11 +136,11 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
         return np.eye(num_classes, dtype=np.float32)[a.astype(np.int64)]
 
     return Arrays(
-        x_train=features(x[train_idx]),
+        x_train=prepare_features(x[train_idx], spec),
         y_train=labels(y[train_idx]),
-        x_val=features(x[val_idx]) if n_val else None,
+        x_val=prepare_features(x[val_idx], spec) if n_val else None,
         y_val=labels(y[val_idx]) if n_val else None,
-        x_test=features(x_test) if x_test is not None else None,
+        x_test=prepare_features(x_test, spec) if x_test is not None else None,
         y_test=labels(_column(y_test)) if x_test is not None else None,
     )
 

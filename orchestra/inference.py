@@ -10,30 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from orchestra.data import DataError
 from pydantic import ValidationError
 
+from orchestra.data import DataError
 from orchestra.spec import DataSpec, JobSpec, SpecError, problems_of
-
-
-def _job(job_id: str, storage: str | None):
-    from orchestra.storage import Storage, storage_root
-
-    store = Storage(storage_root(storage))
-    return store, store.read_record(job_id)
 
 
 def load_job_model(job_id: str, storage: str | None = None, checkpoint: str | None = None):
     """(model, record): `checkpoint` None picks the best checkpoint if the job
     has one, else its final model; "best", "latest" or "final" choose."""
-    from orchestra.client import load_model
+    from orchestra.client import load_record_model
+    from orchestra.storage import Storage, storage_root
 
-    _, record = _job(job_id, storage)
+    record = Storage(storage_root(storage)).read_record(job_id)
     if checkpoint is None:
         checkpoint = "best" if record.best_checkpoint else "final"
-    model = load_model(job_id, storage=storage, checkpoint=checkpoint)
-    return model, record
+    return load_record_model(record, checkpoint), record
 
 
 def _data_spec(record, overrides: dict[str, Any] | None) -> DataSpec:

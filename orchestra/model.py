@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from pathlib import Path
 from typing import Any
 
 from orchestra.keras_compat import keras
@@ -80,8 +81,6 @@ def build_backbone(spec: BackboneSpec):
     """The backbone model: built with random weights, then given the
     weights file's (never downloaded), frozen as asked, cut at `cut_at`.
     Returns (input tensor, output tensor)."""
-    from pathlib import Path
-
     k = keras()
     try:
         model = getattr(k.applications, spec.name)(
@@ -124,11 +123,13 @@ def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
                 "(allowed: any Layer class of keras.layers, e.g. Dense, Dropout, Flatten, Conv2D)",
             ))
     backbone = spec.model.backbone
-    if backbone is not None and backbone.name not in application_names():
-        problems.append(("model.backbone.name", f"unknown backbone '{backbone.name}'"
-                                                f"{_suggest(backbone.name, application_names())} "
-                                                "(allowed: a model in keras.applications, e.g. InceptionV3, "
-                                                "MobileNetV2, ResNet50)"))
+    if backbone is not None:
+        applications = application_names()
+        if backbone.name not in applications:
+            problems.append(("model.backbone.name", f"unknown backbone '{backbone.name}'"
+                                                    f"{_suggest(backbone.name, applications)} "
+                                                    "(allowed: a model in keras.applications, e.g. InceptionV3, "
+                                                    "MobileNetV2, ResNet50)"))
     optimizers = optimizer_names()
     name = spec.compile.optimizer_spec.type
     if name.lower() not in optimizers:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orchestra import data as data_lib
 from orchestra.images import ImageSplits, split_folders
-from orchestra.spec import JobSpec, SpecError
+from orchestra.spec import FieldError, JobSpec, SpecError
 from orchestra.storage import Storage, StorageError, storage_root
 
 
@@ -47,7 +47,7 @@ def preflight(
             (data, weights) and the storage, for a spec written for
             another machine's storage (`validate --schema-only`).
     """
-    from orchestra.model import ModelError, build_model, check_keras_names
+    from orchestra.model import build_model, check_keras_names
 
     problems: list[tuple[str, str]] = list(check_keras_names(spec))
 
@@ -70,45 +70,20 @@ def preflight(
         ))
 
     directory = data_lib.datasets_dir(datasets)
-    npz_path = None
-    dropped = 0
-    input_shape: tuple[int, ...] = ()
+    npz_path, images, dropped, input_shape = None, None, 0, ()
     summary: list[str] = []
-    images = None
     try:
-        if not check_files:
-            known_shape = spec.data.images.image_shape if spec.data.images else spec.model.input_shape
-            if not problems and (known_shape or spec.model.backbone):
-                build_model(_without_files(spec), tuple(known_shape or ())).summary(print_fn=summary.append)
-            input_shape = tuple(known_shape or ())
-            raise _Unchecked()
-        if spec.data.images is not None:
-            images = split_folders(spec.data)
-            sizes = {"training": len(images.train.files),
-                     "validation": len(images.validation.files) if images.validation else None}
-            data_shape = spec.data.images.image_shape
+        if check_files:
+            npz_path, images, dropped, data_shape = _inspect_data(spec, directory)
+            input_shape, to_build = tuple(spec.model.input_shape or data_shape), spec
         else:
-            npz_path = data_lib.resolve_source(spec.data.source, directory)
-            arrays = data_lib.prepare(spec.data, npz_path, directory)
-            sizes = {"training": len(arrays.x_train), "validation": _len(arrays.x_val), "test": _len(arrays.x_test)}
-            data_shape = arrays.input_shape
-        if sizes["training"] < spec.fit.batch_size:
-            raise data_lib.DataError(
-                "fit.batch_size", f"{spec.fit.batch_size} is larger than the {sizes['training']} training examples")
-        for name, size in sizes.items():
-            if name != "training" and size is not None and size < spec.scaling.workers:
-                raise data_lib.DataError(
-                    "data", f"the {name} set has {size} examples, fewer than the {spec.scaling.workers} workers")
-        if spec.fit.steps_per_epoch is None:
-            dropped = sizes["training"] % spec.fit.batch_size
-        input_shape = tuple(spec.model.input_shape or data_shape)
-        if not problems:
-            build_model(spec, data_shape).summary(print_fn=summary.append)
-    except _Unchecked:
-        pass
-    except data_lib.DataError as exc:
-        problems.append((exc.field, str(exc)))
-    except ModelError as exc:
+            known_shape = spec.data.images.image_shape if spec.data.images else spec.model.input_shape
+            input_shape = tuple(known_shape or ())
+            # Without the data, the model is built only where its input shape is known without it.
+            to_build = _without_files(spec) if known_shape or spec.model.backbone else None
+        if not problems and to_build is not None:
+            build_model(to_build, input_shape).summary(print_fn=summary.append)
+    except FieldError as exc:
         problems.append((exc.field, str(exc)))
 
     if problems:
@@ -116,8 +91,30 @@ def preflight(
     return Prepared(spec, root, npz_path, directory, dropped, input_shape, "\n".join(summary), images)
 
 
-class _Unchecked(Exception):
-    """The files were not to be checked: nothing more to do."""
+def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSplits | None, int, tuple[int, ...]]:
+    """Read the data the spec names and check it against the batch size and
+    the workers: (npz path, image splits, examples dropped per epoch, shape
+    of one example). Raises DataError naming the field."""
+    npz_path, images = None, None
+    if spec.data.images is not None:
+        images = split_folders(spec.data)
+        sizes = {"training": len(images.train.files),
+                 "validation": len(images.validation.files) if images.validation else None}
+        data_shape = spec.data.images.image_shape
+    else:
+        npz_path = data_lib.resolve_source(spec.data.source, directory)
+        arrays = data_lib.prepare(spec.data, npz_path, directory)
+        sizes = {"training": len(arrays.x_train), "validation": _len(arrays.x_val), "test": _len(arrays.x_test)}
+        data_shape = arrays.input_shape
+    if sizes["training"] < spec.fit.batch_size:
+        raise data_lib.DataError(
+            "fit.batch_size", f"{spec.fit.batch_size} is larger than the {sizes['training']} training examples")
+    for name, size in sizes.items():
+        if name != "training" and size is not None and size < spec.scaling.workers:
+            raise data_lib.DataError(
+                "data", f"the {name} set has {size} examples, fewer than the {spec.scaling.workers} workers")
+    dropped = sizes["training"] % spec.fit.batch_size if spec.fit.steps_per_epoch is None else 0
+    return npz_path, images, dropped, data_shape
 
 
 def _len(array) -> int | None:

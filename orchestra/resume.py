@@ -74,4 +74,3 @@ def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, dict[str, Any] | N
     heartbeat.claim(record)
     storage.write_record(record)
     return record, checkpoint
-

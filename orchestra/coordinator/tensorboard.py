@@ -40,6 +40,8 @@ class TensorBoard(CoordinatorCallback):
         >>> board.on_job_end({})
     """
 
+    optional = True
+
     def __init__(self, logdir: str | Path, update_freq: str = "epoch",
                  hparams: dict[str, Any] | None = None, model_summary: str | None = None):
         self.logdir = Path(logdir)
@@ -54,8 +56,6 @@ class TensorBoard(CoordinatorCallback):
         if run not in self._writers:
             self._writers[run] = tensorflow().summary.create_file_writer(str(self.logdir / run))
         return self._writers[run]
-
-    optional = True
 
     def on_job_start(self, job_id: str) -> None:
         from tensorboard.plugins.hparams import api as hp
