@@ -89,6 +89,20 @@ def finished_job(tmp_path_factory, mnist_dir):
             "storage": root / "storage", "job_id": job_id, "mnist_dir": mnist_dir}
 
 
+def tensorboard_steps(logdir: Path, tag: str) -> list[int]:
+    """Every step at which a run's event files hold `tag`, sorted (repeats kept)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from orchestra.keras_compat import tensorflow
+
+    steps = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for raw in tensorflow().data.TFRecordDataset(str(path)).as_numpy_iterator():
+            event = Event.FromString(raw)
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import run_cli, small_spec, write_spec
+from conftest import run_cli, small_spec, tensorboard_steps, write_spec
 from orchestra import Client, JobState
 
 pytestmark = pytest.mark.integration
@@ -108,19 +108,6 @@ def assert_latest_checkpoint_evaluates_to_its_epoch(job_id: str, storage: Path, 
     recorded = next(h for h in record["history"] if h["epoch"] == checkpoint["epoch"])
     assert value == pytest.approx(recorded["val_loss"], rel=1e-5)
     return checkpoint["epoch"]
-
-
-def tensorboard_steps(logdir: Path, tag: str) -> list[int]:
-    from tensorboard.compat.proto.event_pb2 import Event
-
-    from orchestra.keras_compat import tensorflow
-
-    steps = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for raw in tensorflow().data.TFRecordDataset(str(path)).as_numpy_iterator():
-            event = Event.FromString(raw)
-            steps += [event.step for value in event.summary.value if value.tag == tag]
-    return sorted(steps)
 
 
 def assert_resumed_as_if_never_stopped(job_id: str, storage: Path) -> None:

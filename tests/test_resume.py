@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import tensorboard_steps
 from orchestra import Client, JobState
 from orchestra.cli import main
 from orchestra.coordinator import TensorBoard
@@ -97,18 +98,6 @@ def test_a_second_signal_is_acknowledged_not_obeyed(capfd):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def board_steps(logdir, tag):
-    from tensorboard.compat.proto.event_pb2 import Event
-
-    from orchestra.keras_compat import tensorflow
-
-    steps = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for raw in tensorflow().data.TFRecordDataset(str(path)).as_numpy_iterator():
-            steps += [Event.FromString(raw).step for v in Event.FromString(raw).summary.value if v.tag == tag]
-    return sorted(steps)
-
-
 def test_tensorboard_rolled_back_to_a_checkpoint_has_no_duplicate_steps(tmp_path):
     def epoch(board, number):
         board.on_epoch_end(EpochResult(number, {"loss": 1.0 / number, "val_loss": 2.0 / number}, 1.0, 10.0,
@@ -128,10 +117,10 @@ def test_tensorboard_rolled_back_to_a_checkpoint_has_no_duplicate_steps(tmp_path
     for number in (4, 5):
         epoch(resumed, number)
     resumed.on_job_end({})
-    assert board_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3, 4, 5]
-    assert board_steps(tmp_path / "validation", "epoch_loss") == [1, 2, 3, 4, 5]
-    assert board_steps(tmp_path / "train", "batch_loss") == list(range(1, 16))
-    assert board_steps(tmp_path, "_hparams_/session_start_info") == [0]  # hyperparameters written once
+    assert tensorboard_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3, 4, 5]
+    assert tensorboard_steps(tmp_path / "validation", "epoch_loss") == [1, 2, 3, 4, 5]
+    assert tensorboard_steps(tmp_path / "train", "batch_loss") == list(range(1, 16))
+    assert tensorboard_steps(tmp_path, "_hparams_/session_start_info") == [0]  # hyperparameters written once
 
 
 def test_an_event_file_cut_short_by_a_killed_driver_is_rolled_back_to_its_whole_records(tmp_path):
@@ -150,7 +139,7 @@ def test_an_event_file_cut_short_by_a_killed_driver_is_rolled_back_to_its_whole_
     resumed.load_state_dict({"epoch": 2, "steps": 0})
     epoch(resumed, 3)
     resumed.on_job_end({})
-    assert board_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3]
+    assert tensorboard_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3]
 
 
 def test_evaluating_a_job_that_has_no_model_yet_is_a_clear_error(tmp_path, capsys):
