@@ -27,8 +27,8 @@ SEED_003_AUGMENTATION = {"rotation_range": 40, "width_shift_range": 0.2, "height
 
 def measure(root: str, loaders: int, size: int, batch: int, steps: int) -> dict[str, float]:
     """Wait per step, step time and loader-alone rate for one loader count."""
-    from orchestra import data as data_lib
-    from orchestra.images import FolderExamples, index_folder
+    from orchestra.build import data as data_lib
+    from orchestra.build.images import FolderExamples, index_folder
     from orchestra.keras_compat import keras
     from orchestra.spec import DataSpec
 
@@ -68,7 +68,7 @@ def measure(root: str, loaders: int, size: int, batch: int, steps: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    from orchestra.samples import write_image_tree
+    from orchestra.tools.samples import write_image_tree
 
     parser = argparse.ArgumentParser(prog="python -m bench.images", description=__doc__.splitlines()[0])
     parser.add_argument("--loaders", type=int, nargs="+", default=[1, 2, 4], help="data_loader.processes to try")

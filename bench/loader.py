@@ -7,7 +7,7 @@ from bench.common import Result, emit, load_arrays, read_workload
 
 
 def main() -> None:
-    from orchestra.data import steps_per_epoch, training_dataset
+    from orchestra.build.data import steps_per_epoch, training_dataset
 
     work = read_workload()
     x, y, _, _ = load_arrays(work)

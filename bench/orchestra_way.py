@@ -26,8 +26,8 @@ def spec_for(work) -> dict:
 
 
 def main() -> None:
-    from orchestra.dispatch import create_job, run_job
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_job
     from orchestra.spec import JobSpec
 
     work = read_workload()

@@ -1,6 +1,13 @@
 """Way 1: plain single-process tf-keras `fit`, TensorFlow's defaults."""
 
-from bench.common import Result, build_model, emit, load_arrays, read_workload, timing_callback
+from bench.common import (
+    Result,
+    build_model,
+    emit,
+    load_arrays,
+    read_workload,
+    timing_callback,
+)
 
 
 def main() -> None:

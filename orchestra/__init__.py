@@ -1,14 +1,25 @@
 """orchestra: distributed training jobs for tf.keras on Ray.
 
-    spec (JobSpec) → preflight → dispatch (Ray Train workers under
-    MultiWorkerMirroredStrategy, worker.py) → coordinator (driver-side
-    callbacks) → storage / TensorBoard → client and CLI
+The package follows a job's flow, each layer importing only those below it:
+
+    spec          the JobSpec (Pydantic): what to train, checked before anything starts
+    build/        spec → Keras model, arrays and image pipelines, performance defaults
+    storage/      job folders, the record and its state machine, heartbeats, status lines
+    coordinator/  driver-side callbacks and the typed driver–worker protocol
+    worker/       the loop each Ray Train worker runs under MultiWorkerMirroredStrategy
+    driver/       pre-flight, the run, resume, signals: `python -m orchestra.driver`
+    client/       the Python client: jobs here (background drivers) or on Ray Jobs, inference
+    tools/        TensorBoard server, plots, sample data
+    cli           `orchestra`: thin verbs over the client and the driver
+
+This module is the public API.
 """
 
-from orchestra.client import Client, load_model
-from orchestra.inference import evaluate, predict
-from orchestra.record import JobRecord, JobState, JobStatus
-from orchestra.spec import JobSpec, SpecError, load_spec
+from orchestra.client.client import Client
+from orchestra.client.inference import evaluate, load_model, predict
+from orchestra.errors import OrchestraError, SpecError
+from orchestra.spec import JobSpec, load_spec
+from orchestra.storage.record import JobRecord, JobState, JobStatus
 
-__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "SpecError", "evaluate", "load_model", "load_spec",
-           "predict"]
+__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "OrchestraError", "SpecError", "evaluate",
+           "load_model", "load_spec", "predict"]

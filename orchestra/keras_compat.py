@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-# TensorFlow reads these when it is first imported; set them before that.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from orchestra.errors import KerasVersionError
 
-
-class KerasVersionError(RuntimeError):
-    pass
+# TensorFlow reads these when it is first imported: set here for this
+# process, and passed to every process orchestra starts (Ray workers, Ray
+# jobs' drivers), where they must be set before TensorFlow is imported.
+TENSORFLOW_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+for _name, _value in TENSORFLOW_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def _import_quietly(name: str) -> ModuleType:

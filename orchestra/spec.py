@@ -41,6 +41,8 @@ from pydantic import (
     model_validator,
 )
 
+from orchestra.errors import SpecError
+
 Mode = Literal["auto", "min", "max"]
 
 # Losses that need one-hot labels, and those that need integer class labels.
@@ -520,6 +522,12 @@ class JobSpec(StrictModel):
         return self
 
     @property
+    def default_monitor(self) -> str:
+        """What a job is judged by when no callback names a monitor, as
+        Keras's callbacks default: `val_loss` with validation data, else `loss`."""
+        return "val_loss" if self.data.has_validation else "loss"
+
+    @property
     def logged_metrics(self) -> list[str]:
         """Every key Keras puts in the epoch logs of this job."""
         train = ["loss", *self.compile.metric_names]
@@ -540,32 +548,6 @@ class JobSpec(StrictModel):
             return JobSpec.model_validate(data)
         except ValidationError as exc:
             raise SpecError(problems_of(exc), source) from None
-
-
-class FieldError(ValueError):
-    """A spec field whose files or names turn out wrong when they are used
-    (a folder that is not there, a weights file that does not fit);
-    `field` is its spec path."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
-
-
-class SpecError(Exception):
-    """A spec that cannot run; `problems` are (field path, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
-        self.problems = problems
-        self.source = source
-        lines = [f"{source}: invalid job spec"] + [f"  {_printable(path)}: {_printable(msg)}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
-
-def _printable(text: str) -> str:
-    """Spec text as one printable line: control characters (a newline in
-    a key, say) are shown escaped, not obeyed by the terminal."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def problems_of(error: ValidationError) -> list[tuple[str, str]]:

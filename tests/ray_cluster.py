@@ -32,7 +32,9 @@ def free_port() -> int:
 
 class LoopbackCluster:
     def __init__(self, folder: Path, cpus_per_node: int = 1, env: dict[str, str] | None = None):
-        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
 
         self.folder = folder
         self.cpus_per_node = cpus_per_node

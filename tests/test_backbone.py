@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, write_spec
+
+from orchestra.build.model import build_backbone, build_model
+from orchestra.errors import FieldError, SpecError
 from orchestra.keras_compat import keras
-from orchestra.model import ModelError, build_backbone, build_model
-from orchestra.spec import JobSpec, SpecError, parse_spec
+from orchestra.spec import JobSpec, parse_spec
 
 HEAD = [{"type": "GlobalAveragePooling2D"}, {"type": "Dense", "units": 1, "activation": "sigmoid"}]
 
@@ -62,13 +63,13 @@ def test_inception_v3_cut_at_mixed7(tmp_path):
 
 def test_weights_that_do_not_fit_are_refused_before_training(tmp_path, mobilenet_weights):
     path, _ = mobilenet_weights
-    with pytest.raises(ModelError) as error:
+    with pytest.raises(FieldError) as error:
         build_backbone(JobSpec.model_validate(backbone_spec(
             tmp_path, name="MobileNetV2", input_shape=[32, 32, 3], include_top=True, weights=str(path)))
             .model.backbone)
     assert error.value.field == "model.backbone.weights" and "does not fit MobileNetV2" in str(error.value)
 
-    from orchestra.samples import write_image_tree
+    from orchestra.tools.samples import write_image_tree
 
     write_image_tree(tmp_path / "images", per_class=2, size=32)
     spec = backbone_spec(tmp_path / "images", name="DenseNet121", input_shape=[32, 32, 3], weights=str(path))
@@ -85,7 +86,7 @@ def test_imagenet_and_unknown_names_are_refused(tmp_path):
         parse_spec(__import__("json").dumps(backbone_spec(
             tmp_path, name="MobileNetV2", input_shape=[32, 32, 3], weights="imagenet")))
     assert error.value.problems[0][0] == "model.backbone.weights" and "would download" in str(error.value)
-    from orchestra.model import check_keras_names
+    from orchestra.build.model import check_keras_names
 
     problems = dict(check_keras_names(JobSpec.model_validate(backbone_spec(
         tmp_path, name="InceptionV4", input_shape=[150, 150, 3]))))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from orchestra.coordinator import Checkpoint, Decision, EarlyStopping, EpochResult
+from orchestra.coordinator.protocol import CheckpointRef
 from orchestra.keras_compat import keras
 
 
@@ -117,7 +118,7 @@ def test_checkpoint_save_best_only_matches_keras(tmp_path, marker_model, monitor
             keras_cb.on_epoch_end(epoch - 1, {monitor: value})
             decision = Decision()
             ours.on_epoch_end(EpochResult(epoch, {monitor: value}, 1.0, 1.0), decision)
-            if decision.checkpoint_dir:
+            if decision.checkpoint is not None:
                 ours_saved.append(epoch)
         keras_saved = sorted(int(p.name[1:4]) for p in keras_dir.iterdir())
         assert ours_saved == keras_saved, history
@@ -131,7 +132,7 @@ def test_checkpoint_retention_keeps_newest_and_best(tmp_path):
         ckpt.on_epoch_end(EpochResult(epoch, {"val_loss": value}, 1.0, 1.0), decision)
         path = tmp_path / f"epoch-{epoch}"
         path.mkdir()
-        ckpt.on_checkpoint_saved(epoch, str(path))
+        ckpt.on_checkpoint_saved(CheckpointRef(epoch, str(path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-2", "epoch-5", "epoch-6"]
     assert ckpt.record_fields()["best_checkpoint"] == str(tmp_path / "epoch-2")
 

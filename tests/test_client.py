@@ -8,8 +8,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import run_cli, small_spec, write_spec
+
 from orchestra import Client, JobState, SpecError
 
 pytestmark = pytest.mark.integration

@@ -9,11 +9,11 @@ import time
 
 import psutil
 import pytest
-
-from orchestra import Client, JobState
-from orchestra.remote import ClusterError
 from conftest import run_cli, small_spec, write_spec
 from ray_cluster import LoopbackCluster
+
+from orchestra import Client, JobState
+from orchestra.errors import ClusterError
 
 pytestmark = pytest.mark.integration
 

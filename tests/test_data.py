@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestra import data
+from orchestra.build import data
 from orchestra.spec import DataSpec
 
 
@@ -44,7 +44,7 @@ def test_dataset_directory_comes_before_keras(tmp_path, tiny_npz):
     (tmp_path / "mnist.npz").write_bytes(tiny_npz.read_bytes())
     assert data.resolve_source("mnist", tmp_path) == (tmp_path / "mnist.npz").resolve()
     assert data.resolve_source("mnist", tmp_path / "elsewhere") is None  # left to Keras's download
-    with pytest.raises(data.DataError, match="expected .*nosuch.npz"):
+    with pytest.raises(data.FieldError, match="expected .*nosuch.npz"):
         data.resolve_source("nosuch", tmp_path)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestra.board import DEFAULT_PORT as TENSORBOARD_PORT
 from orchestra.cli import build_parser
-from orchestra.remote import DASHBOARD_PORT
+from orchestra.client.ray_jobs import DASHBOARD_PORT
+from orchestra.driver.main import build_parser as driver_parser
 from orchestra.spec import load_spec
+from orchestra.tools.board import DEFAULT_PORT as TENSORBOARD_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -44,12 +45,17 @@ def console_scripts() -> set[str]:
     return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 
 
-def check_command(command: list[str]) -> None:
-    """`orchestra ...` parses with orchestra's own CLI; `ray ...` is Ray's."""
+def check_command(command: list[str]):
+    """`orchestra ...` parses with orchestra's own CLI, `python -m
+    orchestra.driver ...` with the driver's; `ray ...` is Ray's. Returns the
+    parsed arguments of orchestra's commands."""
     program, *arguments = command
+    if program == "python" and arguments[:2] == ["-m", "orchestra.driver"]:
+        return driver_parser().parse_args(arguments[2:])
     assert program in console_scripts() | {"ray"}, command
     if program == "orchestra":
-        build_parser().parse_args(arguments)
+        return build_parser().parse_args(arguments)
+    return None
 
 
 def test_image_installs_orchestra_and_points_it_at_the_shared_volume():
@@ -108,10 +114,8 @@ def test_rayjob_runs_a_spec_from_the_image_as_an_orchestra_job():
     (job,) = kuberay("rayjob.yaml")
     _, cluster, _, _ = kuberay("raycluster.yaml")
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
-    command = shlex.split(job["spec"]["entrypoint"])
-    check_command(command)
-    arguments = build_parser().parse_args(command[1:])
-    assert arguments.job_id == job["spec"]["jobId"] and arguments.status_lines
+    arguments = check_command(shlex.split(job["spec"]["entrypoint"]))
+    assert arguments.verb == "run" and arguments.job_id == job["spec"]["jobId"] and arguments.status_lines
     assert job["spec"]["metadata"]["orchestra"] == "1"
     # the spec path is inside the image, copied there from jobs/
     in_image = Path(arguments.spec).relative_to(image["workdir"])

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import run_cli, small_spec, tensorboard_steps, write_spec
+
 from orchestra import Client, JobState
 
 pytestmark = pytest.mark.integration
@@ -92,22 +92,21 @@ def wait_gone(processes, timeout: float = 60) -> float:
 
 
 def assert_latest_checkpoint_evaluates_to_its_epoch(job_id: str, storage: Path, mnist_dir: Path) -> int:
-    from orchestra import data as data_lib
-    from orchestra.resume import latest_checkpoint
-    from orchestra.spec import JobSpec
+    from orchestra.build import data as data_lib
+    from orchestra.driver.resume import latest_checkpoint
     from orchestra.keras_compat import keras
-    from orchestra.storage import Storage
-    from orchestra.worker import model_file
+    from orchestra.spec import JobSpec
+    from orchestra.storage.folders import Storage, model_file
 
     record = json.loads((storage / job_id / "job.json").read_text())
     checkpoint = latest_checkpoint(Storage(storage), job_id)  # what resume starts from, maybe newer than the record's
     assert checkpoint is not None
-    model = keras().models.load_model(str(model_file(checkpoint["path"])))
+    model = keras().models.load_model(str(model_file(checkpoint.path)))
     arrays = data_lib.prepare(JobSpec.model_validate(record["spec"]).data, mnist_dir / "mnist.npz", mnist_dir)
     value = model.evaluate(arrays.x_val, arrays.y_val, verbose=0, return_dict=True)["loss"]
-    recorded = next(h for h in record["history"] if h["epoch"] == checkpoint["epoch"])
+    recorded = next(h for h in record["history"] if h["epoch"] == checkpoint.epoch)
     assert value == pytest.approx(recorded["val_loss"], rel=1e-5)
-    return checkpoint["epoch"]
+    return checkpoint.epoch
 
 
 def assert_resumed_as_if_never_stopped(job_id: str, storage: Path) -> None:

@@ -31,8 +31,8 @@ METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def run(spec_dict, storage, mnist_dir, in_process):
-    from orchestra.dispatch import create_job, run_in_process, run_job
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_in_process, run_job
 
     prepared = preflight(JobSpec.model_validate(spec_dict), storage=str(storage), datasets=str(mnist_dir))
     record = create_job(prepared, in_process=in_process)

@@ -9,11 +9,11 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, small_spec, write_spec
-from orchestra import data as data_lib
+
+from orchestra.build import data as data_lib
+from orchestra.build.model import build_model
 from orchestra.keras_compat import keras
-from orchestra.model import build_model
 from orchestra.spec import JobSpec
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from orchestra import cli
-from orchestra.board import DEFAULT_HOST
 from orchestra.spec import JobSpec
+from orchestra.tools.board import DEFAULT_HOST
 
 HOSTILE_IDS = ["../outside", "/etc/passwd", "a/../../b", "..", ".hidden", "job\nid", "job\n", "jöb", "a b",
                "x" * 200, "~root", "job;rm -rf /"]
@@ -65,10 +65,12 @@ def test_job_ids_cannot_leave_the_storage_root(tmp_path, capsys, verb, job_id):
     assert not storage.exists() or not any(storage.iterdir())
 
 
-def test_a_job_id_given_to_submit_is_checked_before_any_folder(tmp_path, capsys, tiny_datasets):
+def test_a_job_id_given_to_the_driver_is_checked_before_any_folder(tmp_path, capsys, tiny_datasets):
+    from orchestra.driver.main import main as driver_main
+
     spec, storage, args = validate(tmp_path, json.dumps(valid_spec()), tiny_datasets)
-    assert cli.main(["submit", str(spec), "--job-id", "../escape", "--storage", str(storage),
-                     "--datasets", str(tiny_datasets), "--in-process"]) == 2
+    assert driver_main(["run", str(spec), "--job-id", "../escape", "--storage", str(storage),
+                        "--datasets", str(tiny_datasets), "--in-process"]) == 2
     assert "invalid job id" in capsys.readouterr().err
     assert not (tmp_path / "escape").exists() and not any(storage.iterdir())
 

@@ -8,12 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli, write_spec
 
 import orchestra
-from conftest import run_cli, write_spec
-from orchestra.images import decode
-from orchestra.samples import write_image_tree
+from orchestra.build.images import decode
 from orchestra.spec import ImageFolderSpec
+from orchestra.tools.samples import write_image_tree
 
 
 def image_spec(train: str, validation: str, **fit) -> dict:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestra import data as data_lib
-from orchestra.images import FolderExamples, index_folder, split_folders
-from orchestra.samples import write_image_tree
+from orchestra.build import data as data_lib
+from orchestra.build.images import FolderExamples, index_folder, split_folders
 from orchestra.spec import DataSpec
+from orchestra.tools.samples import write_image_tree
 
 AUGMENT_ALL = {"rotation_range": 40, "width_shift_range": 0.2, "height_shift_range": 0.2, "shear_range": 0.2,
                "zoom_range": 0.2, "horizontal_flip": True, "fill_mode": "nearest"}

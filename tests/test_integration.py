@@ -12,9 +12,9 @@ import time
 import numpy as np
 import psutil
 import pytest
-
 from conftest import run_cli, small_spec
-from orchestra import data as data_lib
+
+from orchestra.build import data as data_lib
 from orchestra.keras_compat import keras
 from orchestra.spec import JobSpec
 
@@ -99,8 +99,8 @@ def test_best_checkpoint_is_the_argmin_of_val_loss_and_loads(finished_job):
 def test_worker_error_fails_the_job_with_its_reason(tmp_path, mnist_dir):
     """A worker that raises ends the job FAILED with the worker's error, and
     the driver does not hang."""
-    from orchestra.dispatch import create_job, run_job
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_job
 
     doomed = tmp_path / "doomed.npz"
     doomed.write_bytes((mnist_dir / "mnist.npz").read_bytes())
@@ -125,8 +125,8 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
     """max_failures=1: kill -9 one worker mid-run; Ray Train restarts the group,
     training resumes from the latest checkpoint, and early stopping carries on
     with its best value and wait count as if nothing happened."""
-    from orchestra.dispatch import create_job, run_job
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_job
 
     spec = JobSpec.model_validate(small_spec(**{
         "data.train_size": 2000,

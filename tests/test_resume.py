@@ -11,16 +11,18 @@ import socket
 import time
 
 import pytest
-
 from conftest import tensorboard_steps
+
 from orchestra import Client, JobState
 from orchestra.cli import main
 from orchestra.coordinator import TensorBoard
-from orchestra.coordinator.base import Decision, EpochResult
-from orchestra.interrupt import stop_on_signals
-from orchestra.record import JobRecord
-from orchestra.resume import ResumeError, check_resumable, latest_checkpoint
-from orchestra.storage import Storage
+from orchestra.coordinator.base import EpochResult
+from orchestra.coordinator.protocol import CheckpointRef, Decision
+from orchestra.driver.resume import check_resumable, latest_checkpoint
+from orchestra.driver.signals import stop_on_signals
+from orchestra.errors import JobStateError
+from orchestra.storage.folders import Storage
+from orchestra.storage.record import JobRecord
 
 
 def running_record(storage: Storage, **fields) -> JobRecord:
@@ -47,7 +49,7 @@ def test_a_silent_driver_reads_as_lost_and_its_job_can_resume(tmp_path, monkeypa
     record.heartbeat_at = time.time()
     storage.write_record(record)
     assert client.status("job-1").state is JobState.RUNNING
-    with pytest.raises(ResumeError, match="job-1 is RUNNING: only STOPPED or FAILED"):
+    with pytest.raises(JobStateError, match="job-1 is RUNNING: only STOPPED or FAILED"):
         check_resumable(storage, "job-1")
 
 
@@ -65,7 +67,7 @@ def test_a_dead_driver_on_this_host_reads_as_lost_at_once(tmp_path):
 def test_resume_refuses_a_job_that_succeeded(tmp_path, capsys):
     storage = Storage(tmp_path)
     record = running_record(storage)
-    record.transition(JobState.SUCCEEDED)
+    record.finish()
     storage.write_record(record)
     assert main(["resume", "job-1", "--storage", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("orchestra: job job-1 is SUCCEEDED: only STOPPED or FAILED jobs "
@@ -80,7 +82,7 @@ def test_resume_starts_from_the_newest_complete_checkpoint(tmp_path):
         (folder / name).mkdir(parents=True)
         if complete:
             (folder / name / "state.json").write_text("{}")
-    assert latest_checkpoint(storage, "job-1") == {"epoch": 4, "path": str(folder / "epoch-0004")}
+    assert latest_checkpoint(storage, "job-1") == CheckpointRef(4, str(folder / "epoch-0004"))
     assert latest_checkpoint(storage, "job-2") is None
 
 

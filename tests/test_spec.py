@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, small_spec, write_spec
-from orchestra.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec
+
+from orchestra.errors import SpecError
+from orchestra.spec import JobSpec, json_schema, load_spec, parse_spec
 
 
 def problems(spec: dict) -> dict[str, str]:
@@ -32,8 +33,8 @@ def test_every_job_passes_preflight(tmp_path, mnist_dir, path):
     datasets that are not on this machine (Fashion-MNIST has its shape), a
     generated CIFAR-shaped file for CIFAR-10; image folders and weights
     files are the cluster's, so those specs are checked without files."""
-    from orchestra.preflight import preflight
-    from orchestra.samples import write_cifar_like
+    from orchestra.driver.preflight import preflight
+    from orchestra.tools.samples import write_cifar_like
 
     spec = load_spec(path)
     if spec.data.images is not None:

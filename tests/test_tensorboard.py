@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-
 from conftest import free_port, run_cli, small_spec
+
 from orchestra.spec import JobSpec
 
 pytestmark = pytest.mark.integration
@@ -93,8 +93,8 @@ def test_every_epoch_is_served_with_the_recorded_value(finished_job):
 
 
 def test_series_grow_while_the_job_runs(tmp_path, mnist_dir):
-    from orchestra.dispatch import create_job, run_in_process
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_in_process
 
     # Slow enough to watch: 1,000 steps an epoch, one step per call.
     spec = JobSpec.model_validate(small_spec(**{"data.train_size": 20000, "fit.epochs": 8,
@@ -178,8 +178,8 @@ def test_tensorboard_page_shows_the_job_in_chromium(tmp_path, finished_job):
 
 def test_batch_level_tensorboard_has_every_step(tmp_path, mnist_dir):
     """update_freq="batch" needs every step's loss: one execution per step."""
-    from orchestra.dispatch import create_job, run_in_process
-    from orchestra.preflight import preflight
+    from orchestra.driver.preflight import preflight
+    from orchestra.driver.run import create_job, run_in_process
 
     spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 3, "callbacks.early_stopping": None,
                                                 "callbacks.tensorboard": {"update_freq": "batch"}}))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from orchestra.coordinator.base import EpochResult, WorkerReport
+from orchestra.coordinator.base import EpochResult
+from orchestra.coordinator.protocol import WorkerReport
 
 
 def aggregate(reports: list[WorkerReport]) -> EpochResult:

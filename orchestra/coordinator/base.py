@@ -12,18 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass
-class WorkerReport:
-    """What one worker sends at the end of an epoch (epochs count from 1)."""
-
-    rank: int
-    epoch: int
-    logs: dict[str, float]
-    epoch_time: float
-    samples: int
-    batch_losses: list[float] = field(default_factory=list)
-    peak_rss_mb: float = 0.0
+from orchestra.coordinator.protocol import CheckpointRef, Decision
+from orchestra.storage.record import format_value
 
 
 @dataclass
@@ -49,16 +39,10 @@ class EpochResult:
             "time": self.time,
         }
 
-
-@dataclass
-class Decision:
-    """What every worker does after an epoch, the same on every worker."""
-
-    stop: bool = False
-    snapshot_best_weights: bool = False
-    checkpoint_dir: str | None = None
-    checkpoint_state: dict[str, Any] = field(default_factory=dict)
-    save_weights_only: bool = False
+    def line(self, epochs: int) -> str:
+        """The line a driver prints for this epoch: `epoch 3/30  loss 0.2514  ...  1.52s`."""
+        metrics = "  ".join(f"{k} {format_value(v)}" for k, v in self.metrics.items() if k != "learning_rate")
+        return f"epoch {self.epoch}/{epochs}  {metrics}  {self.epoch_time:.2f}s"
 
 
 class CoordinatorCallback:
@@ -79,7 +63,7 @@ class CoordinatorCallback:
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
         pass
 
-    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
+    def on_checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
         pass
 
     def on_job_end(self, final: dict[str, Any]) -> None:

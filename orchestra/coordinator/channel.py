@@ -10,98 +10,176 @@ A worker group that Ray Train restarts (`max_failures`) is a new attempt,
 known by its cluster addresses (each group gets fresh ports): its first
 `start` call discards the unfinished epoch of the old one and tells the
 driver where training resumes.
+
+The bookkeeping is `ChannelState`, plain Python that the tests drive
+directly; `Channel` is that state behind a Ray actor, and `LocalChannel`
+the in-process run's direct line to the coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from typing import Any
+from collections import deque
+from typing import TYPE_CHECKING
 
 import ray
 
+from orchestra.coordinator.protocol import (
+    CheckpointRef,
+    CheckpointSaved,
+    Decision,
+    EpochReports,
+    Event,
+    FinalResult,
+    Finished,
+    Restarted,
+    StartReply,
+    WorkerReport,
+    WorkerStarted,
+)
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
-class Channel:
-    def __init__(self, world_size: int, resume_from: dict[str, Any] | None = None):
+if TYPE_CHECKING:
+    from orchestra.coordinator.coordinator import Coordinator
+
+
+class ChannelState:
+    """Who has reported which epoch, the decisions made, the events not yet read.
+
+    Args:
+        world_size: workers per group.
+        resume_from: the checkpoint the first group starts from (a resumed job), or None.
+
+    Example:
+
+        >>> state = ChannelState(world_size=2)
+        >>> state.start(0, 101, "group-a").attempt
+        0
+        >>> from orchestra.coordinator.protocol import WorkerReport
+        >>> state.report(0, WorkerReport(0, 1, {"loss": 0.5}, 1.0, 10)) is None
+        True
+        >>> state.report(0, WorkerReport(1, 1, {"loss": 0.5}, 1.0, 10)) is None
+        True
+        >>> [type(event).__name__ for event in state.drain()]
+        ['WorkerStarted', 'EpochReports']
+    """
+
+    def __init__(self, world_size: int, resume_from: CheckpointRef | None = None):
         self.world_size = world_size
         self.attempt = 0
         self.group: str | None = None
-        # Where the first workers start: a resumed job's checkpoint.
-        self.latest_checkpoint: dict[str, Any] | None = resume_from
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.reports: dict[int, dict[int, Any]] = {}
-        self.decisions: dict[tuple[int, int], Any] = {}
-        self.decided: dict[tuple[int, int], asyncio.Event] = {}
+        self.latest_checkpoint = resume_from
+        self.events: deque[Event] = deque()
+        self.reports: dict[int, dict[int, WorkerReport]] = {}
+        self.decisions: dict[tuple[int, int], Decision] = {}
 
-    async def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
-        """A worker of `group` starts; returns the attempt and where to resume."""
+    def start(self, rank: int, pid: int, group: str) -> StartReply:
+        """A worker of `group` starts; a group not seen before is a new attempt."""
         if group != self.group:
             if self.group is not None:
                 self.attempt += 1
                 self.reports.clear()
-                await self.events.put({
-                    "kind": "restart", "attempt": self.attempt, "checkpoint": self.latest_checkpoint,
-                })
+                self.events.append(Restarted(self.attempt, self.latest_checkpoint))
             self.group = group
-        await self.events.put({"kind": "started", "rank": rank, "pid": pid})
-        return {"attempt": self.attempt, "checkpoint": self.latest_checkpoint}
+        self.events.append(WorkerStarted(rank, pid))
+        return StartReply(self.attempt, self.latest_checkpoint)
 
-    async def report(self, attempt: int, rank: int, epoch: int, payload: Any) -> Any:
-        """Hand in one worker's epoch; wait for the job's decision."""
+    def report(self, attempt: int, report: WorkerReport) -> Decision | None:
+        """Take one worker's epoch. Returns a Decision at once for a worker of
+        a replaced attempt (it must stop), else None: wait for `decide`."""
         if attempt != self.attempt:
-            return {"stop": True, "stale": True}
-        reports = self.reports.setdefault(epoch, {})
-        reports[rank] = payload
-        key = (attempt, epoch)
-        event = self.decided.setdefault(key, asyncio.Event())
+            return Decision(stop=True, superseded=True)
+        reports = self.reports.setdefault(report.epoch, {})
+        reports[report.rank] = report
         if len(reports) == self.world_size:
-            del self.reports[epoch]
-            await self.events.put({
-                "kind": "epoch", "attempt": attempt, "epoch": epoch,
-                "reports": [reports[r] for r in sorted(reports)],
-            })
-        await event.wait()
-        return self.decisions[key]
+            del self.reports[report.epoch]
+            self.events.append(EpochReports(attempt, report.epoch, tuple(reports[r] for r in sorted(reports))))
+        return None
 
-    def decide(self, attempt: int, epoch: int, decision: Any) -> None:
-        key = (attempt, epoch)
-        self.decisions[key] = decision
-        self.decided.setdefault(key, asyncio.Event()).set()
-        self.decisions.pop((attempt, epoch - 2), None)
-        self.decided.pop((attempt, epoch - 2), None)
+    def decide(self, attempt: int, epoch: int, decision: Decision) -> None:
+        self.decisions[(attempt, epoch)] = decision
+        self.decisions.pop((attempt, epoch - 2), None)  # every worker has read it by now
 
-    async def checkpoint_saved(self, epoch: int, path: str) -> None:
-        self.latest_checkpoint = {"epoch": epoch, "path": path}
-        await self.events.put({"kind": "saved", "epoch": epoch, "path": path})
+    def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+        self.latest_checkpoint = checkpoint
+        self.events.append(CheckpointSaved(checkpoint))
 
-    async def finished(self, payload: Any) -> None:
-        await self.events.put({"kind": "finished", **payload})
+    def finished(self, result: FinalResult) -> None:
+        self.events.append(Finished(result))
 
-    async def next_event(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            return await asyncio.wait_for(self.events.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+    def drain(self) -> list[Event]:
+        events = list(self.events)
+        self.events.clear()
+        return events
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class Channel:
+    """`ChannelState` as a Ray actor: workers block in `report` until the
+    driver's `decide`; the driver blocks in `next_event` until there is one."""
+
+    def __init__(self, world_size: int, resume_from: CheckpointRef | None = None):
+        self.state = ChannelState(world_size, resume_from)
+        self.changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def start(self, rank: int, pid: int, group: str) -> StartReply:
+        reply = self.state.start(rank, pid, group)
+        await self._notify()
+        return reply
+
+    async def report(self, attempt: int, report: WorkerReport) -> Decision:
+        """Hand in one worker's epoch; wait for the job's decision."""
+        early = self.state.report(attempt, report)
+        if early is not None:
+            return early
+        key = (attempt, report.epoch)
+        async with self.changed:
+            self.changed.notify_all()
+            await self.changed.wait_for(lambda: key in self.state.decisions)
+        return self.state.decisions[key]
+
+    async def decide(self, attempt: int, epoch: int, decision: Decision) -> None:
+        self.state.decide(attempt, epoch, decision)
+        await self._notify()
+
+    async def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+        self.state.checkpoint_saved(checkpoint)
+        await self._notify()
+
+    async def finished(self, result: FinalResult) -> None:
+        self.state.finished(result)
+        await self._notify()
+
+    async def next_events(self, timeout: float) -> list[Event]:
+        """The events since the last call, waiting up to `timeout` s for one."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: bool(self.state.events)), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return self.state.drain()
 
 
 class LocalChannel:
     """The channel for the in-process reference run: one worker, the
     coordinator in the same process, every call answered at once."""
 
-    def __init__(self, coordinator, resume_from: dict[str, Any] | None = None):
+    def __init__(self, coordinator: Coordinator, resume_from: CheckpointRef | None = None):
         self.coordinator = coordinator
         self.resume_from = resume_from
 
-    def start(self, rank: int, pid: int, group: str) -> dict[str, Any]:
+    def start(self, rank: int, pid: int, group: str) -> StartReply:
         self.coordinator.on_worker_started(rank, pid)
-        return {"attempt": 0, "checkpoint": self.resume_from}
+        return StartReply(0, self.resume_from)
 
-    def report(self, attempt: int, rank: int, epoch: int, payload: dict[str, Any]) -> dict[str, Any]:
-        return dataclasses.asdict(self.coordinator.on_epoch([payload]))
+    def report(self, attempt: int, report: WorkerReport) -> Decision:
+        return self.coordinator.on_epoch((report,))
 
-    def checkpoint_saved(self, epoch: int, path: str) -> None:
-        self.coordinator.on_checkpoint_saved(epoch, path)
+    def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+        self.coordinator.on_checkpoint_saved(checkpoint)
 
-    def finished(self, payload: dict[str, Any]) -> None:
-        self.coordinator.on_finished(payload)
+    def finished(self, result: FinalResult) -> None:
+        self.coordinator.on_finished(result)

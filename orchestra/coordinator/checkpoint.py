@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult
+from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.monitor import Monitor, checkpoint_mode
+from orchestra.coordinator.protocol import CheckpointOrder, CheckpointRef, Decision
 
 
 class Checkpoint(CoordinatorCallback):
@@ -34,10 +35,11 @@ class Checkpoint(CoordinatorCallback):
     Example:
 
         >>> ckpt = Checkpoint(lambda epoch: Path(f"/tmp/ck/epoch-{epoch}"), save_best_only=True)
-        >>> from orchestra.coordinator.base import Decision, EpochResult
+        >>> from orchestra.coordinator.base import EpochResult
+        >>> from orchestra.coordinator.protocol import Decision
         >>> decision = Decision()
         >>> ckpt.on_epoch_end(EpochResult(1, {"val_loss": 0.3}, 1.0, 1.0), decision)
-        >>> decision.checkpoint_dir
+        >>> decision.checkpoint.directory
         '/tmp/ck/epoch-1'
     """
 
@@ -66,14 +68,14 @@ class Checkpoint(CoordinatorCallback):
             self.best = current
         if self.save_best_only and not improved:
             return
-        decision.checkpoint_dir = str(self.directory_for_epoch(result.epoch))
-        decision.save_weights_only = self.save_weights_only
+        # The coordinator adds every callback's state once all have decided.
+        decision.checkpoint = CheckpointOrder(str(self.directory_for_epoch(result.epoch)), self.save_weights_only, {})
         self._pending[result.epoch] = current
 
-    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
-        value = self._pending.pop(epoch, None)
-        self.saved = [entry for entry in self.saved if entry["epoch"] != epoch]
-        self.saved.append({"epoch": epoch, "path": path, "value": value})
+    def on_checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+        value = self._pending.pop(checkpoint.epoch, None)
+        self.saved = [entry for entry in self.saved if entry["epoch"] != checkpoint.epoch]
+        self.saved.append({"epoch": checkpoint.epoch, "path": checkpoint.path, "value": value})
         best = self.best_entry
         keep = self.saved[-self.keep:] + ([best] if best else [])
         for entry in self.saved:

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestra.coordinator.aggregate import aggregate
-from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult, WorkerReport
+from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.checkpoint import Checkpoint
 from orchestra.coordinator.monitor import Monitor, early_stopping_mode
-from orchestra.record import JobRecord, JobState
-from orchestra.storage import Storage
+from orchestra.coordinator.protocol import (
+    CheckpointRef,
+    CheckpointSaved,
+    Decision,
+    EpochReports,
+    Event,
+    FinalResult,
+    Finished,
+    Restarted,
+    WorkerReport,
+    WorkerStarted,
+)
+from orchestra.storage.folders import Storage
+from orchestra.storage.record import JobRecord, JobState
 
 
 class Coordinator:
@@ -41,56 +54,75 @@ class Coordinator:
             self._call(callback, callback.on_job_start, record.job_id)
         self.initial_state = self.state_dict()
 
+    def handle(self, event: Event) -> Decision | None:
+        """One event from the channel; an epoch's reports get the decision
+        every worker is waiting for."""
+        match event:
+            case EpochReports(reports=reports):
+                return self.on_epoch(reports)
+            case WorkerStarted(rank=rank, pid=pid):
+                self.on_worker_started(rank, pid)
+            case CheckpointSaved(checkpoint=checkpoint):
+                self.on_checkpoint_saved(checkpoint)
+            case Restarted(checkpoint=checkpoint):
+                self.on_restart(checkpoint)
+            case Finished(result=result):
+                self.on_finished(result)
+            case _:
+                raise TypeError(f"not a channel event: {event!r}")
+        return None
+
     def on_worker_started(self, rank: int, pid: int) -> None:
         """A PENDING job runs once Ray has placed and started all its workers."""
         self.record.worker_pids = {**self.record.worker_pids, str(rank): pid}
         if self.record.state is JobState.PENDING and len(self.record.worker_pids) == self.record.workers:
-            self.record.transition(JobState.RUNNING)
+            self.record.start()
         self.storage.write_record(self.record)
 
-    def on_epoch(self, reports: list[dict[str, Any]]) -> Decision:
-        result = aggregate([WorkerReport(**report) for report in reports])
+    def on_epoch(self, reports: tuple[WorkerReport, ...]) -> Decision:
+        result = aggregate(list(reports))
         decision = Decision()
         for callback in list(self.callbacks):
             self._call(callback, callback.on_epoch_end, result, decision)
-        if decision.checkpoint_dir:
-            decision.checkpoint_state = {"epoch": result.epoch, "callbacks": self.state_dict()}
+        if decision.checkpoint is not None:
+            state = {"epoch": result.epoch, "callbacks": self.state_dict()}
+            decision.checkpoint = dataclasses.replace(decision.checkpoint, state=state)
         self.record.history.append(result.history_entry())
         self.record.epochs_completed = result.epoch
         self._refresh_record()
         self.progress(result)
         return decision
 
-    def on_checkpoint_saved(self, epoch: int, path: str) -> None:
+    def on_checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
         for callback in self.callbacks:
-            callback.on_checkpoint_saved(epoch, path)
+            callback.on_checkpoint_saved(checkpoint)
         self._refresh_record()
 
-    def on_restart(self, checkpoint: dict[str, Any] | None) -> None:
+    def on_restart(self, checkpoint: CheckpointRef | None) -> None:
         """Ray Train restarted the workers: roll back to their checkpoint."""
         self.record.restarts += 1
         self.roll_back(checkpoint)
 
-    def roll_back(self, checkpoint: dict[str, Any] | None) -> None:
-        """Callbacks, history and record as they were when `checkpoint`
-        (`{"epoch", "path"}`) was decided; as at the start when None. Used
-        when workers restart and when a job is resumed."""
+    def roll_back(self, checkpoint: CheckpointRef | None) -> None:
+        """Callbacks, history and record as they were when `checkpoint` was
+        decided; as at the start when None. Used when workers restart and
+        when a job is resumed."""
         resume_epoch = 0
         if checkpoint is None:
             self.load_state_dict(self.initial_state)
         else:
-            state = Storage.read_checkpoint_state(Path(checkpoint["path"]))
+            state = Storage.read_checkpoint_state(Path(checkpoint.path))
             self.load_state_dict(state["callbacks"])
-            resume_epoch = checkpoint["epoch"]
+            resume_epoch = checkpoint.epoch
             for callback in self.callbacks:
-                callback.on_checkpoint_saved(resume_epoch, checkpoint["path"])
+                callback.on_checkpoint_saved(checkpoint)
         self.record.history = [h for h in self.record.history if h["epoch"] <= resume_epoch]
         self.record.epochs_completed = resume_epoch
         self._refresh_record()
 
-    def on_finished(self, final: dict[str, Any]) -> None:
-        self.record.test_metrics = final.get("test_metrics")
-        self.record.model_path = final.get("model_path")
+    def on_finished(self, final: FinalResult) -> None:
+        self.record.test_metrics = final.test_metrics
+        self.record.model_path = final.model_path
         self._refresh_record()
         for callback in list(self.callbacks):
             self._call(callback, callback.on_job_end, self.record.status().model_dump(mode="json"))

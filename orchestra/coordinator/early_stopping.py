@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult
+from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.monitor import Monitor, early_stopping_mode
+from orchestra.coordinator.protocol import Decision
 
 
 class EarlyStopping(CoordinatorCallback):
@@ -36,7 +37,8 @@ class EarlyStopping(CoordinatorCallback):
     Example:
 
         >>> stopper = EarlyStopping(monitor="val_loss", patience=1)
-        >>> from orchestra.coordinator.base import Decision, EpochResult
+        >>> from orchestra.coordinator.base import EpochResult
+        >>> from orchestra.coordinator.protocol import Decision
         >>> for epoch, loss in enumerate([0.5, 0.4, 0.45, 0.46], start=1):
         ...     decision = Decision()
         ...     stopper.on_epoch_end(EpochResult(epoch, {"val_loss": loss}, 1.0, 1.0), decision)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestra.coordinator.base import CoordinatorCallback, Decision, EpochResult
+from orchestra.coordinator.base import CoordinatorCallback, EpochResult
+from orchestra.coordinator.protocol import Decision
 from orchestra.keras_compat import tensorflow
 
 
@@ -34,7 +35,8 @@ class TensorBoard(CoordinatorCallback):
     Example:
 
         >>> import tempfile
-        >>> from orchestra.coordinator.base import Decision, EpochResult
+        >>> from orchestra.coordinator.base import EpochResult
+        >>> from orchestra.coordinator.protocol import Decision
         >>> board = TensorBoard(tempfile.mkdtemp())
         >>> board.on_epoch_end(EpochResult(1, {"loss": 0.5, "val_loss": 0.6}, 1.0, 10.0), Decision())
         >>> board.on_job_end({})

@@ -10,17 +10,14 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from orchestra.storage import Storage
+from orchestra.errors import BoardError
+from orchestra.storage.folders import Storage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
 
 
 WHOLE_STORAGE = "*"  # the key of a storage root served whole, new jobs included
-
-
-class BoardError(Exception):
-    pass
 
 
 def is_loopback(host: str) -> bool:

@@ -1,9 +1,12 @@
 """Jobs on an existing Ray cluster, through its job server (Ray Jobs).
 
 `orchestra submit SPEC --address http://HEAD:8265` hands the spec and the
-orchestra package to Ray's job submission API. On the cluster the Ray job's
-driver runs `orchestra submit` again, with this process's Ray being the
-cluster's, and prints a status line per record write (`orchestra.events`).
+orchestra package to Ray's job submission API. The client checks what it
+can without the cluster's files (the spec's structure, Keras's names); on
+the cluster the Ray job's entrypoint is orchestra's driver
+(`python -m orchestra.driver run`), which checks the files, trains with the
+cluster's Ray and prints a status line per record write
+(`orchestra.storage.status_lines`).
 Everything a client knows of a job comes from Ray's job state and those
 lines, so a laptop needs only the address and the cluster's token.
 """
@@ -19,19 +22,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestra import events
-from orchestra.record import JobState, JobStatus
+from orchestra.errors import ClusterError, SpecError
+from orchestra.keras_compat import TENSORFLOW_ENV
 from orchestra.spec import JobSpec
-from orchestra.storage import new_job_id
+from orchestra.storage import status_lines
+from orchestra.storage.folders import new_job_id
+from orchestra.storage.record import JobState, JobStatus
 
 ADDRESS_ENVS = ("ORCHESTRA_ADDRESS", "RAY_ADDRESS")
 DASHBOARD_PORT = 8265
 SPEC_FILE = "spec.json"
 METADATA_KEY = "orchestra"
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached, refuses us, or does not know the job."""
 
 
 def submission_address(explicit: str | None = None) -> str | None:
@@ -68,10 +69,16 @@ class RayJobs:
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
                datasets: str | None = None) -> str:
         """Start `spec` as a Ray job; return its id, which is also the
-        orchestra job id and the job's folder in the cluster's storage."""
+        orchestra job id and the job's folder in the cluster's storage.
+        Raises SpecError for a layer, optimizer, loss or metric Keras does
+        not know; the files the spec names are checked on the cluster."""
+        from orchestra.build.model import check_keras_names
 
+        problems = check_keras_names(spec)
+        if problems:
+            raise SpecError(problems, spec.name)
         job_id = new_job_id(spec.name)
-        command = ["python", "-m", "orchestra.cli", "submit", SPEC_FILE, "--job-id", job_id, "--status-lines"]
+        command = ["python", "-m", "orchestra.driver", "run", SPEC_FILE, "--job-id", job_id, "--status-lines"]
         for flag, value in (("--storage", storage), ("--workers", workers), ("--datasets", datasets)):
             if value is not None:
                 command += [flag, str(value)]
@@ -80,7 +87,7 @@ class RayJobs:
             runtime_env = {
                 "working_dir": folder,
                 "py_modules": [str(Path(__file__).parent)],
-                "env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+                "env_vars": dict(TENSORFLOW_ENV),
             }
             metadata = {METADATA_KEY: "1", "name": spec.name,
                         "workers": str(workers or spec.scaling.workers)}
@@ -91,17 +98,17 @@ class RayJobs:
 
     def status(self, job_id: str) -> JobStatus:
         info = self._info(job_id)
-        return _combined_status(info, events.parse_statuses(self.logs(job_id)))
+        return _combined_status(info, status_lines.parse_statuses(self.logs(job_id)))
 
     def list(self) -> list[JobStatus]:
         with _cluster_errors(self.address):
             jobs = [job for job in self._jobs.list_jobs() if (job.metadata or {}).get(METADATA_KEY)]
         jobs.sort(key=lambda job: job.start_time or 0, reverse=True)
-        return [_combined_status(job, events.parse_statuses(self.logs(job.submission_id))) for job in jobs]
+        return [_combined_status(job, status_lines.parse_statuses(self.logs(job.submission_id))) for job in jobs]
 
     def metrics(self, job_id: str) -> list[dict[str, int | float]]:
         self._info(job_id)
-        return events.history_from(events.parse_statuses(self.logs(job_id)))
+        return status_lines.history_from(status_lines.parse_statuses(self.logs(job_id)))
 
     def logs(self, job_id: str) -> str:
         with _cluster_errors(self.address, job_id):

@@ -16,8 +16,9 @@ import socket
 import threading
 import time
 
-from orchestra.record import JobRecord, JobState
-from orchestra.storage import Storage, StorageWriteError
+from orchestra.errors import StorageWriteError
+from orchestra.storage.folders import Storage
+from orchestra.storage.record import JobRecord
 
 TIMEOUT_ENV = "ORCHESTRA_HEARTBEAT_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
@@ -57,7 +58,7 @@ def checked(record: JobRecord) -> JobRecord:
     if reason is None:
         return record
     seen = record.model_copy(deep=True)
-    seen.transition(JobState.FAILED, f"{reason} after epoch {record.epochs_completed}")
+    seen.fail(f"{reason} after epoch {record.epochs_completed}")
     return seen
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestra.keras_compat import keras
-from orchestra.spec import BackboneSpec, FieldError, JobSpec, OptimizerSpec
+from orchestra.errors import FieldError
+from orchestra.spec import BackboneSpec, JobSpec, OptimizerSpec
 
 # Strings `compile` accepts as metrics without a registry entry.
 _COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
@@ -86,21 +87,21 @@ def build_backbone(spec: BackboneSpec):
         model = getattr(k.applications, spec.name)(
             input_shape=tuple(spec.input_shape), include_top=spec.include_top, weights=None)
     except (TypeError, ValueError) as exc:
-        raise ModelError("model.backbone", f"{spec.name}: {exc}") from None
+        raise FieldError("model.backbone", f"{spec.name}: {exc}") from None
     if spec.weights is not None:
         path = Path(spec.weights).expanduser()
         if not path.is_file():
-            raise ModelError("model.backbone.weights", f"no such weights file: {path}")
+            raise FieldError("model.backbone.weights", f"no such weights file: {path}")
         try:
             model.load_weights(str(path))
         except Exception as exc:  # noqa: BLE001 - h5py and Keras raise many kinds for a file that does not fit
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ModelError("model.backbone.weights", f"{path} does not fit {spec.name} "
+            raise FieldError("model.backbone.weights", f"{path} does not fit {spec.name} "
                                                        f"(include_top={spec.include_top}): {first}") from None
     names = [layer.name for layer in model.layers]
     for field, name in (("cut_at", spec.cut_at), ("trainable_from", spec.trainable_from)):
         if name is not None and name not in names:
-            raise ModelError(f"model.backbone.{field}", f"{spec.name} has no layer '{name}'"
+            raise FieldError(f"model.backbone.{field}", f"{spec.name} has no layer '{name}'"
                                                         f"{_suggest(name, names)}")
     model.trainable = spec.trainable == "all" or spec.trainable_from is not None
     if spec.trainable_from is not None:
@@ -166,7 +167,7 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
         try:
             layers.append(getattr(k.layers, layer.type)(**layer.arguments))
         except (TypeError, ValueError) as exc:
-            raise ModelError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
+            raise FieldError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
     name = spec.name.replace("-", "_").replace(".", "_")
     try:
         if spec.model.backbone is None:
@@ -176,21 +177,17 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
             for layer in layers:
                 x = layer(x)
             model = k.Model(inputs, x, name=name)
-    except ModelError:
+    except FieldError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ModelError("model.layers", str(exc).strip().splitlines()[0]) from None
+        raise FieldError("model.layers", str(exc).strip().splitlines()[0]) from None
     try:
         optimizer = make_optimizer(spec.compile.optimizer_spec)
     except (TypeError, ValueError) as exc:
-        raise ModelError("compile.optimizer", f"{spec.compile.optimizer_spec.type}: {exc}") from None
+        raise FieldError("compile.optimizer", f"{spec.compile.optimizer_spec.type}: {exc}") from None
     try:
         model.compile(optimizer=optimizer, loss=spec.compile.loss, metrics=list(spec.compile.metrics),
                       steps_per_execution=steps_per_execution)
     except (TypeError, ValueError) as exc:
-        raise ModelError("compile", str(exc)) from None
+        raise FieldError("compile", str(exc)) from None
     return model
-
-
-class ModelError(FieldError):
-    """The model a spec names cannot be built; `field` is its spec path."""

@@ -6,19 +6,24 @@ registries, the data files, the storage root and the cluster's size.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestra import data as data_lib
-from orchestra.images import ImageSplits, split_folders
-from orchestra.spec import FieldError, JobSpec, SpecError
-from orchestra.storage import Storage, StorageError, storage_root
+from orchestra.build import data as data_lib
+from orchestra.build.images import ImageSplits, split_folders
+from orchestra.errors import FieldError, SpecError, StorageError
+from orchestra.spec import JobSpec
+from orchestra.storage.folders import Storage, storage_root
 
 
 @dataclass
 class Prepared:
-    """What the checks found, handed on to dispatch."""
+    """What the checks found, handed on to the driver's run.
+
+    A background driver gets it from the client that checked the spec, as
+    JSON (`to_json`), so the checks run once per submit."""
 
     spec: JobSpec
     storage: Storage
@@ -28,6 +33,32 @@ class Prepared:
     input_shape: tuple[int, ...]
     model_summary: str = ""
     images: ImageSplits | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "spec": self.spec.model_dump(mode="json"),
+            "storage": str(self.storage.root),
+            "npz_path": None if self.npz_path is None else str(self.npz_path),
+            "datasets_dir": str(self.datasets_dir),
+            "examples_dropped_per_epoch": self.examples_dropped_per_epoch,
+            "input_shape": list(self.input_shape),
+            "model_summary": self.model_summary,
+            "images": None if self.images is None else self.images.to_dict(),
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> Prepared:
+        raw = json.loads(text)
+        return cls(
+            spec=JobSpec.model_validate(raw["spec"]),
+            storage=Storage(Path(raw["storage"])),
+            npz_path=None if raw["npz_path"] is None else Path(raw["npz_path"]),
+            datasets_dir=Path(raw["datasets_dir"]),
+            examples_dropped_per_epoch=int(raw["examples_dropped_per_epoch"]),
+            input_shape=tuple(int(n) for n in raw["input_shape"]),
+            model_summary=str(raw["model_summary"]),
+            images=None if raw["images"] is None else ImageSplits.from_dict(raw["images"]),
+        )
 
 
 def preflight(
@@ -47,7 +78,7 @@ def preflight(
             (data, weights) and the storage, for a spec written for
             another machine's storage (`validate --schema-only`).
     """
-    from orchestra.model import build_model, check_keras_names
+    from orchestra.build.model import build_model, check_keras_names
 
     problems: list[tuple[str, str]] = list(check_keras_names(spec))
 
@@ -94,7 +125,7 @@ def preflight(
 def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSplits | None, int, tuple[int, ...]]:
     """Read the data the spec names and check it against the batch size and
     the workers: (npz path, image splits, examples dropped per epoch, shape
-    of one example). Raises DataError naming the field."""
+    of one example). Raises FieldError naming the field."""
     npz_path, images = None, None
     if spec.data.images is not None:
         images = split_folders(spec.data)
@@ -107,11 +138,11 @@ def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSpl
         sizes = {"training": len(arrays.x_train), "validation": _len(arrays.x_val), "test": _len(arrays.x_test)}
         data_shape = arrays.input_shape
     if sizes["training"] < spec.fit.batch_size:
-        raise data_lib.DataError(
+        raise data_lib.FieldError(
             "fit.batch_size", f"{spec.fit.batch_size} is larger than the {sizes['training']} training examples")
     for name, size in sizes.items():
         if name != "training" and size is not None and size < spec.scaling.workers:
-            raise data_lib.DataError(
+            raise data_lib.FieldError(
                 "data", f"the {name} set has {size} examples, fewer than the {spec.scaling.workers} workers")
     dropped = sizes["training"] % spec.fit.batch_size if spec.fit.steps_per_epoch is None else 0
     return npz_path, images, dropped, data_shape

@@ -1,7 +1,10 @@
 """Shared storage: one folder per job, atomic records, atomic checkpoints.
 
     <root>/<job_id>/job.json                 the record (write, fsync, rename)
-    <root>/<job_id>/checkpoints/epoch-0007/   one checkpoint (published by rename)
+    <root>/<job_id>/checkpoints/epoch-0007/   one checkpoint (published by rename):
+        model.keras | model.weights.h5         the model, or its weights only
+        state.json                             the driver's callback state at that epoch
+        best_weights.npz                       restore_best_weights' snapshot, if any
     <root>/<job_id>/model/                    the model training ended with
     <root>/<job_id>/tensorboard/{train,validation}/
 """
@@ -19,30 +22,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestra.record import JobRecord
+from orchestra.errors import StorageError, StorageWriteError
+from orchestra.storage.record import JobRecord
 
 STORAGE_ENV = "ORCHESTRA_STORAGE"
 DEFAULT_STORAGE = "~/orchestra_storage"
 RECORD_FILE = "job.json"
 CHECKPOINT_STATE_FILE = "state.json"
+MODEL_FILE = "model.keras"
+WEIGHTS_FILE = "model.weights.h5"
+BEST_WEIGHTS_FILE = "best_weights.npz"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class StorageError(ValueError):
-    pass
-
-
-class StorageWriteError(OSError):
-    """A write to the storage failed (disk full, read-only, gone); the
-    message names the path (also `filename`). What was there before is
-    left as it was."""
-
-    @classmethod
-    def of(cls, path: Path, error: OSError) -> StorageWriteError:
-        return cls(error.errno, f"cannot write {path}: {error.strerror or error}", str(path))
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 def storage_root(override: str | None = None, spec_storage: str | None = None) -> Path:
@@ -65,6 +55,14 @@ def check_job_id(job_id: str) -> str:
 def new_job_id(name: str) -> str:
     """`<name>-<date>-<time>-<4 hex>`: sorts by submission, unique without a lookup."""
     return check_job_id(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+
+def model_file(directory: str | Path) -> Path:
+    """The model file of a checkpoint or model folder: the whole model if
+    it was saved, else its weights."""
+    directory = Path(directory)
+    full = directory / MODEL_FILE
+    return full if full.is_file() else directory / WEIGHTS_FILE
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from orchestra.data import DataError
+from orchestra.errors import FieldError
 from orchestra.spec import AugmentationSpec, DataSpec, ImageFolderSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -33,11 +34,28 @@ class FolderIndex:
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "labels": self.labels.tolist(), "class_names": self.class_names,
+                "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FolderIndex:
+        return cls(list(raw["files"]), np.array(raw["labels"], np.int64), list(raw["class_names"]),
+                   list(raw["skipped"]))
+
 
 @dataclass
 class ImageSplits:
     train: FolderIndex
     validation: FolderIndex | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "validation": self.validation and self.validation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ImageSplits:
+        validation = raw["validation"]
+        return cls(FolderIndex.from_dict(raw["train"]), validation and FolderIndex.from_dict(validation))
 
     @property
     def skipped(self) -> list[str]:
@@ -70,11 +88,11 @@ def index_folder(folder: str, field_name: str, class_names: list[str] | None = N
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DataError(field_name, f"no such folder: {root}")
+        raise FieldError(field_name, f"no such folder: {root}")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = class_names or found
     if len(names) < 2:
-        raise DataError(field_name, f"{root} needs a subfolder per class (at least 2); found {found or 'none'}")
+        raise FieldError(field_name, f"{root} needs a subfolder per class (at least 2); found {found or 'none'}")
     files, labels, skipped = [], [], []
     for label, name in enumerate(names):
         for path in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
@@ -86,7 +104,7 @@ def index_folder(folder: str, field_name: str, class_names: list[str] | None = N
             else:
                 skipped.append(str(path))
     if not files:
-        raise DataError(field_name, f"{root} has no readable images in {', '.join(names)}")
+        raise FieldError(field_name, f"{root} has no readable images in {', '.join(names)}")
     return FolderIndex(files, np.array(labels, np.int64), list(names), skipped)
 
 

@@ -18,11 +18,13 @@ import os
 import time
 from typing import Any
 
-from orchestra.local_jobs import LocalJobs
-from orchestra.record import JobRecord, JobStatus
-from orchestra.remote import RayJobs, submission_address
+from orchestra.client.inference import evaluate, load_model, predict
+from orchestra.client.local import LocalJobs
+from orchestra.client.ray_jobs import RayJobs, submission_address
+from orchestra.errors import ClusterError
 from orchestra.spec import JobSpec, load_spec
-from orchestra.storage import Storage, storage_root
+from orchestra.storage.folders import Storage, storage_root
+from orchestra.storage.record import JobStatus
 
 
 class Client:
@@ -94,7 +96,7 @@ class Client:
     def resume(self, job_id: str, datasets: str | None = None) -> None:
         """Continue a STOPPED or FAILED job (a lost driver's job is FAILED)
         from its latest checkpoint, in a background driver on this machine;
-        follow it with `status` or `wait`. Raises ResumeError for a job in
+        follow it with `status` or `wait`. Raises JobStateError for a job in
         any other state.
 
         Args:
@@ -102,8 +104,8 @@ class Client:
             datasets: the dataset directory (default: ORCHESTRA_DATASETS).
         """
         if self.address:
-            raise NotImplementedError("resume runs a driver on the machine that holds the storage: "
-                                      "there, use Client(storage=PATH).resume(job_id)")
+            raise ClusterError("resume runs a driver on the machine that holds the storage: "
+                               "there, use Client(storage=PATH).resume(job_id)")
         self._jobs.resume(job_id, datasets=datasets)
 
     # These read the job's files from this machine: on a cluster, give the
@@ -116,52 +118,8 @@ class Client:
     def evaluate(self, job_id: str, data: dict[str, Any] | None = None, checkpoint: str | None = None,
                  datasets: str | None = None) -> dict[str, Any]:
         """`orchestra.evaluate` on this client's storage (read from this machine)."""
-        from orchestra.inference import evaluate
-
         return evaluate(job_id, data=data, storage=str(self.storage.root), checkpoint=checkpoint, datasets=datasets)
 
     def predict(self, job_id: str, input_path: str, output_path: str, checkpoint: str | None = None) -> dict[str, Any]:
         """`orchestra.predict` on this client's storage (read from this machine)."""
-        from orchestra.inference import predict
-
         return predict(job_id, input_path, output_path, storage=str(self.storage.root), checkpoint=checkpoint)
-
-
-def load_model(job_id: str, storage: str | None = None, checkpoint: str | None = None) -> Any:
-    """Load a job's model with tf-keras, compiled as the spec says.
-
-    Args:
-        job_id: the job.
-        storage: its storage root (default: ORCHESTRA_STORAGE or ~/orchestra_storage).
-        checkpoint: None or `"final"` for the model training ended with
-            (the one `test_metrics` evaluates; the best epoch's under
-            `restore_best_weights`), `"best"` for the best checkpoint,
-            `"latest"` for the newest one.
-    """
-    return load_record_model(Storage(storage_root(storage)).read_record(job_id), checkpoint)
-
-
-def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
-    """`load_model` for a job record already read."""
-    from orchestra.keras_compat import keras
-    from orchestra.model import build_model
-    from orchestra.spec import JobSpec
-    from orchestra.worker import model_file
-
-    if checkpoint in (None, "final"):
-        directory = record.model_path
-    elif checkpoint == "best":
-        directory = record.best_checkpoint
-    elif checkpoint == "latest":
-        directory = record.checkpoints[-1].path if record.checkpoints else None
-    else:
-        raise ValueError(f"checkpoint must be 'final', 'best' or 'latest', not {checkpoint!r}")
-    if directory is None:
-        raise FileNotFoundError(f"job {record.job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
-    path = model_file(directory)
-    if path.name.endswith(".keras"):
-        return keras().models.load_model(str(path))
-    spec = JobSpec.model_validate(record.spec)
-    model = build_model(spec, tuple(record.input_shape))
-    model.load_weights(str(path))
-    return model

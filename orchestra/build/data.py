@@ -16,15 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestra.spec import DataSpec, FieldError
+from orchestra.errors import FieldError
+from orchestra.spec import DataSpec
 
 DATASETS_ENV = "ORCHESTRA_DATASETS"
 DEFAULT_DATASETS_DIR = Path("~/orchestra_datasets").expanduser()
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "boston_housing")
-
-
-class DataError(FieldError):
-    """The data a spec names cannot be found or read; `field` is its spec path."""
 
 
 def datasets_dir(override: str | os.PathLike | None = None) -> Path:
@@ -43,13 +40,13 @@ def resolve_source(source: str, directory: Path) -> Path | None:
     if source.endswith(".npz"):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise DataError("data.source", f"no such .npz file: {path}")
+            raise FieldError("data.source", f"no such .npz file: {path}")
         return path.resolve()
     candidate = directory / f"{source}.npz"
     if candidate.is_file():
         return candidate.resolve()
     if source not in KERAS_DATASETS:
-        raise DataError(
+        raise FieldError(
             "data.source",
             f"'{source}' is neither an .npz path nor a dataset in {directory} "
             f"(expected {candidate}); Keras datasets: {', '.join(KERAS_DATASETS)}",
@@ -77,7 +74,7 @@ def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, n
         with np.load(npz_path) as npz:
             missing = {"x_train", "y_train"} - set(npz.files)
             if missing:
-                raise DataError(
+                raise FieldError(
                     "data.source",
                     f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
                     "x_train, y_train[, x_test, y_test]",
@@ -88,7 +85,7 @@ def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, n
     try:
         (x_train, y_train), (x_test, y_test) = getattr(keras().datasets, source).load_data()
     except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
-        raise DataError(
+        raise FieldError(
             "data.source",
             f"dataset '{source}' is not in {directory} and Keras could not download it "
             f"({type(exc).__name__}: {str(exc)[:200]}); put {source}.npz in Keras's array "
@@ -112,7 +109,7 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
     if spec.train_size is not None:
         train_idx = train_idx[: spec.train_size]
     if n_val + (spec.train_size or 1) > len(x):
-        raise DataError(
+        raise FieldError(
             "data.validation_size" if spec.validation_size else "data.train_size",
             f"asks for {n_val} validation + {spec.train_size or 1} training examples "
             f"but the source has {len(x)}",
@@ -132,7 +129,7 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
         if a.ndim > 1:
             return a.astype(np.float32)
         if int(a.max()) >= num_classes:
-            raise DataError("data.num_classes", f"label {int(a.max())} is not below num_classes {num_classes}")
+            raise FieldError("data.num_classes", f"label {int(a.max())} is not below num_classes {num_classes}")
         return np.eye(num_classes, dtype=np.float32)[a.astype(np.int64)]
 
     return Arrays(
@@ -156,7 +153,7 @@ def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:
         try:
             return a.reshape(len(a), *spec.reshape)
         except ValueError:
-            raise DataError(
+            raise FieldError(
                 "data.reshape",
                 f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
             ) from None
@@ -283,7 +280,7 @@ def evaluation_steps(n_examples: int, per_worker_batch: int, world_size: int) ->
     on every worker (as MultiWorkerMirroredStrategy needs), none empty."""
     smallest_share = n_examples // world_size
     if smallest_share == 0:
-        raise DataError("data", f"an evaluation set of {n_examples} examples cannot be split across {world_size} workers")
+        raise FieldError("data", f"an evaluation set of {n_examples} examples cannot be split across {world_size} workers")
     largest_share = -(-n_examples // world_size)
     return min(-(-largest_share // per_worker_batch), smallest_share)
 

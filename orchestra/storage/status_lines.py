@@ -13,7 +13,7 @@ laptop: no shared storage, no Ray connection, only the job server.
 
 from __future__ import annotations
 
-from orchestra.record import JobRecord, JobStatus
+from orchestra.storage.record import JobRecord, JobStatus
 
 PREFIX = "@orchestra-status "
 

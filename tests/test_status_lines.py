@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestra import events
-from orchestra.record import JobRecord, JobState
-from orchestra.remote import _combined_status
+from orchestra.client.ray_jobs import _combined_status
+from orchestra.storage import status_lines
+from orchestra.storage.record import JobRecord, JobState
 
 
 def record_at(epochs: int, state: JobState = JobState.RUNNING) -> JobRecord:
     record = JobRecord(job_id="j-1", name="j", workers=2, spec={}, state=JobState.PENDING)
     if state is not JobState.PENDING:
-        record.transition(JobState.RUNNING)
+        record.start()
     record.history = [{"epoch": e, "loss": 1.0 / e} for e in range(1, epochs + 1)]
     record.epochs_completed = epochs
-    if state.is_terminal:
-        record.transition(state, "why")
+    if state is JobState.SUCCEEDED:
+        record.finish()
+    elif state is JobState.FAILED:
+        record.fail("why")
+    elif state is JobState.STOPPED:
+        record.stop("why")
     return record
 
 
@@ -26,26 +30,26 @@ def ray_job(status: str, message: str = "") -> SimpleNamespace:
 
 
 def log_of(*records: JobRecord) -> str:
-    return "\n".join(["some driver output", *(events.status_line(r) for r in records), "more output"])
+    return "\n".join(["some driver output", *(status_lines.status_line(r) for r in records), "more output"])
 
 
 def test_history_is_rebuilt_from_the_status_lines_and_rolled_back_on_restart():
     lines = [record_at(1), record_at(2), record_at(3), record_at(2), record_at(3), record_at(4)]
     lines[3].history[-1] = {"epoch": 2, "loss": 0.25}  # epoch 2 again, after a restart from epoch 1
-    history = events.history_from(events.parse_statuses(log_of(*lines)))
+    history = status_lines.history_from(status_lines.parse_statuses(log_of(*lines)))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[1]["loss"] == 0.25
 
 
 def test_the_drivers_last_word_stands_while_ray_agrees():
-    statuses = events.parse_statuses(log_of(record_at(1), record_at(3)))
+    statuses = status_lines.parse_statuses(log_of(record_at(1), record_at(3)))
     assert _combined_status(ray_job("RUNNING"), statuses).epochs_completed == 3
-    final = events.parse_statuses(log_of(record_at(3, JobState.FAILED)))
+    final = status_lines.parse_statuses(log_of(record_at(3, JobState.FAILED)))
     assert _combined_status(ray_job("FAILED", "exit 1"), final).reason == "why"
 
 
 def test_a_driver_ray_lost_or_stopped_is_not_left_running():
-    statuses = events.parse_statuses(log_of(record_at(5)))
+    statuses = status_lines.parse_statuses(log_of(record_at(5)))
     lost = _combined_status(ray_job("FAILED", "Job entrypoint command failed with exit code -9"), statuses)
     assert lost.state is JobState.FAILED
     assert lost.reason == "driver lost: Job entrypoint command failed with exit code -9"

@@ -1,9 +1,12 @@
-"""Jobs on this machine, each driven by its own background `orchestra submit`.
+"""Jobs on this machine, each driven by its own background driver process.
 
 The embedded default for `Client()` and `orchestra submit --detach`: a
 driver process per job, with its own embedded Ray, outliving the Python
-session that started it. Its output goes to `<storage>/.drivers/<job>.log`
-beside its pid, and the job record in the storage is the status.
+session that started it (`python -m orchestra.driver`). The client checks
+the spec and hands the driver what the checks found
+(`<storage>/.drivers/<job>.prepared.json`), so they run once. The
+driver's output goes to `<storage>/.drivers/<job>.log` beside its pid, and
+the job record in the storage is the status.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from orchestra import heartbeat
-from orchestra.record import JobState, JobStatus
+from orchestra.errors import StorageError
 from orchestra.spec import JobSpec
-from orchestra.storage import Storage, StorageError, check_job_id, new_job_id, storage_root
+from orchestra.storage import heartbeat
+from orchestra.storage.folders import Storage, check_job_id, new_job_id, storage_root
+from orchestra.storage.record import JobState, JobStatus
 
 DRIVERS_DIR = ".drivers"
 
@@ -36,38 +41,40 @@ class LocalJobs:
                datasets: str | None = None) -> str:
         """Check the spec as `orchestra submit` would (SpecError before
         anything starts), then start its driver in the background."""
-        from orchestra.preflight import preflight
+        from orchestra.driver.preflight import preflight
 
         if storage is not None and storage_root(storage) != self.storage.root:
             raise StorageError(f"this client reads jobs from {self.storage.root}: make a Client(storage={storage!r})")
         spec = spec.with_overrides(workers=workers)
-        preflight(spec, storage=str(self.storage.root), datasets=datasets)
+        prepared = preflight(spec, storage=str(self.storage.root), datasets=datasets)
         job_id = new_job_id(spec.name)
         self.drivers.mkdir(parents=True, exist_ok=True)
-        spec_file = self.drivers / f"{job_id}.json"
-        spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
-        self._start_driver(job_id, ["submit", str(spec_file), "--job-id", job_id], datasets, "w")
+        self._prepared_file(job_id).write_text(prepared.to_json())
+        self._start_driver(job_id, ["run", "--prepared", str(self._prepared_file(job_id)), "--job-id", job_id],
+                           "w")
         return job_id
 
     def resume(self, job_id: str, datasets: str | None = None) -> None:
-        """Check that the job can resume (ResumeError if not), then continue
+        """Check that the job can resume (JobStateError if not), then continue
         it from its latest checkpoint with a background driver."""
-        from orchestra.resume import ResumeError, check_resumable
+        from orchestra.driver.resume import check_resumable
+        from orchestra.errors import JobStateError
 
         resumes = check_resumable(self.storage, job_id).resumes
         self.drivers.mkdir(parents=True, exist_ok=True)
-        driver = self._start_driver(job_id, ["resume", job_id], datasets, "a")
+        driver = self._start_driver(job_id, ["resume", job_id, *(["--datasets", datasets] if datasets else [])], "a")
         # Returns once the driver owns the job: until then its record is the lost one's.
         while self.storage.read_record(job_id).resumes == resumes:
             if driver.poll() is not None:
                 lines = [line for line in self.logs(job_id).splitlines() if line.strip()]
-                raise ResumeError(f"job {job_id} did not resume: {' / '.join(lines[-3:])}")
+                raise JobStateError(f"job {job_id} did not resume: {' / '.join(lines[-3:])}")
             time.sleep(0.2)
 
-    def _start_driver(self, job_id: str, verb: list[str], datasets: str | None, log_mode: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "orchestra.cli", *verb, "--storage", str(self.storage.root)]
-        if datasets is not None:
-            command += ["--datasets", datasets]
+    def _prepared_file(self, job_id: str) -> Path:
+        return self.drivers / f"{check_job_id(job_id)}.prepared.json"
+
+    def _start_driver(self, job_id: str, verb: list[str], log_mode: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "orchestra.driver", *verb, "--storage", str(self.storage.root)]
         with open(self.drivers / f"{job_id}.log", log_mode) as log:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
@@ -82,7 +89,7 @@ class LocalJobs:
             pid = self._pid(job_id)
             if pid is None:
                 raise
-        spec = json.loads((self.drivers / f"{job_id}.json").read_text())
+        spec = json.loads(self._prepared_file(job_id).read_text())["spec"]
         started = (self.drivers / f"{job_id}.pid").stat().st_mtime
         placeholder = dict(job_id=job_id, name=spec["name"], workers=spec["scaling"]["workers"], created_at=started)
         if _alive(pid):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestra.record import JobRecord
+from orchestra.errors import FieldError
+from orchestra.storage.record import JobRecord
 
 
 def accuracy_key(history: list[dict[str, float]]) -> str | None:
@@ -27,8 +28,11 @@ def plot_jobs(records: list[JobRecord], output: str | os.PathLike) -> Path:
         _panel(axis, record)
     figure.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output, dpi=100)
+    except OSError as exc:
+        raise FieldError("--output", f"cannot write {output}: {exc.strerror or exc}") from None
     plt.close(figure)
     return output
 

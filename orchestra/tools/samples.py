@@ -2,8 +2,8 @@
 CIFAR-shaped `.npz`, for tests, benchmarks and the example jobs (nothing is
 downloaded).
 
-    python -m orchestra.samples images DIR [--per-class N] [--size S]
-    python -m orchestra.samples cifar FILE.npz [--train N] [--test N]
+    python -m orchestra.tools.samples images DIR [--per-class N] [--size S]
+    python -m orchestra.tools.samples cifar FILE.npz [--train N] [--test N]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def write_cifar_like(path: str | Path, train: int = 2000, test: int = 500, class
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m orchestra.samples", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestra.tools.samples", description=__doc__.splitlines()[0])
     kinds = parser.add_subparsers(dest="kind", required=True)
     images = kinds.add_parser("images", help="a class-per-subfolder tree of circles and squares")
     images.add_argument("root")

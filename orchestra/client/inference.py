@@ -12,16 +12,53 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from orchestra.data import DataError
-from orchestra.spec import DataSpec, JobSpec, SpecError, problems_of
+from orchestra.errors import FieldError, JobStateError, SpecError
+from orchestra.spec import DataSpec, JobSpec, problems_of
+from orchestra.storage.folders import Storage, model_file, storage_root
+from orchestra.storage.record import JobRecord
+
+
+def load_model(job_id: str, storage: str | None = None, checkpoint: str | None = None) -> Any:
+    """Load a job's model with tf-keras, compiled as the spec says.
+
+    Args:
+        job_id: the job.
+        storage: its storage root (default: ORCHESTRA_STORAGE or ~/orchestra_storage).
+        checkpoint: None or `"final"` for the model training ended with
+            (the one `test_metrics` evaluates; the best epoch's under
+            `restore_best_weights`), `"best"` for the best checkpoint,
+            `"latest"` for the newest one.
+    """
+    return load_record_model(Storage(storage_root(storage)).read_record(job_id), checkpoint)
+
+
+def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
+    """`load_model` for a job record already read."""
+    from orchestra.build.model import build_model
+    from orchestra.keras_compat import keras
+
+    if checkpoint in (None, "final"):
+        directory = record.model_path
+    elif checkpoint == "best":
+        directory = record.best_checkpoint
+    elif checkpoint == "latest":
+        directory = record.checkpoints[-1].path if record.checkpoints else None
+    else:
+        raise ValueError(f"checkpoint must be 'final', 'best' or 'latest', not {checkpoint!r}")
+    if directory is None:
+        raise JobStateError(f"job {record.job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
+    path = model_file(directory)
+    if path.name.endswith(".keras"):
+        return keras().models.load_model(str(path))
+    spec = JobSpec.model_validate(record.spec)
+    model = build_model(spec, tuple(record.input_shape))
+    model.load_weights(str(path))
+    return model
 
 
 def load_job_model(job_id: str, storage: str | None = None, checkpoint: str | None = None):
     """(model, record): `checkpoint` None picks the best checkpoint if the job
     has one, else its final model; "best", "latest" or "final" choose."""
-    from orchestra.client import load_record_model
-    from orchestra.storage import Storage, storage_root
-
     record = Storage(storage_root(storage)).read_record(job_id)
     if checkpoint is None:
         checkpoint = "best" if record.best_checkpoint else "final"
@@ -51,10 +88,10 @@ def _data_spec(record, overrides: dict[str, Any] | None) -> DataSpec:
 def evaluation_arrays(data: DataSpec, datasets: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(x, y, which set): the test arrays when the data has them, else the
     validation set, else the training set, all unaugmented."""
-    from orchestra import data as data_lib
+    from orchestra.build import data as data_lib
 
     if data.images is not None:
-        from orchestra.images import FolderExamples, split_folders
+        from orchestra.build.images import FolderExamples, split_folders
 
         splits = split_folders(data)
         which, index = ("validation", splits.validation) if splits.validation else ("training", splits.train)
@@ -88,7 +125,7 @@ def evaluate(job_id: str, data: dict[str, Any] | None = None, storage: str | Non
     model, record = load_job_model(job_id, storage, checkpoint)
     try:
         x, y, which = evaluation_arrays(_data_spec(record, data), datasets)
-    except DataError as exc:
+    except FieldError as exc:
         raise SpecError([(exc.field, str(exc))], "--data") from None
     results = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
     return {"metrics": {k: float(v) for k, v in results.items()}, "examples": int(len(x)), "set": which}
@@ -108,7 +145,7 @@ def predict(job_id: str, input_path: str | Path, output_path: str | Path, storag
     Returns:
         {"examples": n, "output": path, "classes": counts by class}.
     """
-    from orchestra import data as data_lib
+    from orchestra.build import data as data_lib
 
     model, record = load_job_model(job_id, storage, checkpoint)
     data = DataSpec.model_validate(record.spec["data"])
@@ -123,7 +160,7 @@ def predict(job_id: str, input_path: str | Path, output_path: str | Path, storag
         raise SpecError([("INPUT", f"cannot read {input_path} as .npz: {exc}")], str(input_path)) from None
     try:
         x = data_lib.prepare_features(x, data)
-    except DataError as exc:
+    except FieldError as exc:
         raise SpecError([(exc.field, str(exc))], str(input_path)) from None
     probabilities = model.predict(x, batch_size=256, verbose=0)
     if probabilities.shape[-1] == 1:
@@ -131,6 +168,9 @@ def predict(job_id: str, input_path: str | Path, output_path: str | Path, storag
     else:
         classes = probabilities.argmax(axis=-1)
     extra = {"class_names": np.array(record.class_names)} if record.class_names else {}
-    np.savez(output_path, probabilities=probabilities, classes=classes, **extra)
+    try:
+        np.savez(output_path, probabilities=probabilities, classes=classes, **extra)
+    except OSError as exc:
+        raise FieldError("--output", f"cannot write {output_path}: {exc.strerror or exc}") from None
     counts = np.bincount(classes, minlength=probabilities.shape[-1] if probabilities.shape[-1] > 1 else 2)
     return {"examples": int(len(x)), "output": str(output_path), "classes": counts.tolist()}

@@ -13,31 +13,28 @@ without any checkpoint starts again from its first epoch.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from orchestra import heartbeat
-from orchestra.record import JobRecord, JobState
-from orchestra.storage import CHECKPOINT_STATE_FILE, Storage
+from orchestra.coordinator.protocol import CheckpointRef
+from orchestra.errors import JobStateError
+from orchestra.storage import heartbeat
+from orchestra.storage.folders import CHECKPOINT_STATE_FILE, Storage
+from orchestra.storage.record import JobRecord, JobState
 
 RESUMABLE = (JobState.STOPPED, JobState.FAILED)
 _CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
 
 
-class ResumeError(ValueError):
-    pass
-
-
 def check_resumable(storage: Storage, job_id: str) -> JobRecord:
     """The job's record, as a reader sees it (a lost driver is FAILED);
-    ResumeError unless it is STOPPED or FAILED."""
+    JobStateError unless it is STOPPED or FAILED."""
     record = heartbeat.checked(storage.read_record(job_id))
     if record.state not in RESUMABLE:
-        raise ResumeError(f"job {job_id} is {record.state.value}: only STOPPED or FAILED jobs can be resumed")
+        raise JobStateError(f"job {job_id} is {record.state.value}: only STOPPED or FAILED jobs can be resumed")
     return record
 
 
-def latest_checkpoint(storage: Storage, job_id: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint, `{"epoch", "path"}`, or None.
+def latest_checkpoint(storage: Storage, job_id: str) -> CheckpointRef | None:
+    """The newest complete checkpoint, or None.
     Complete: published (not a staging folder) with its callback state.
     Found on disk, so a checkpoint saved just before the driver died counts."""
     folder = storage.job_dir(job_id) / "checkpoints"
@@ -49,28 +46,23 @@ def latest_checkpoint(storage: Storage, job_id: str) -> dict[str, Any] | None:
     if not found:
         return None
     epoch, path = max(found)
-    return {"epoch": epoch, "path": str(path)}
+    return CheckpointRef(epoch, str(path))
 
 
 def check_same_classes(record: JobRecord, class_names: list[str] | None) -> None:
-    """ResumeError if an image job's folder no longer has the classes it
+    """JobStateError if an image job's folder no longer has the classes it
     started with: its labels are their positions."""
     if record.class_names and class_names != record.class_names:
-        raise ResumeError(f"job {record.job_id} started on the classes {record.class_names} and its image folder "
+        raise JobStateError(f"job {record.job_id} started on the classes {record.class_names} and its image folder "
                           f"now has {class_names}: restore the folder, or submit a new job")
 
 
-def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, dict[str, Any] | None]:
+def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, CheckpointRef | None]:
     """Turn a STOPPED or FAILED job back to PENDING, owned by this process;
     return its record and the checkpoint it resumes from."""
     record = check_resumable(storage, job_id)
     checkpoint = latest_checkpoint(storage, job_id)
-    record.transition(JobState.PENDING, f"resuming from epoch {checkpoint['epoch'] if checkpoint else 0}")
-    record.resumes += 1
-    record.stopped_epoch = None
-    record.test_metrics = None
-    record.model_path = None
-    record.worker_pids = {}
+    record.reopen(checkpoint.epoch if checkpoint else 0)
     heartbeat.claim(record)
     storage.write_record(record)
     return record, checkpoint

@@ -1,0 +1,129 @@
+"""The driver's entry point: `python -m orchestra.driver run|resume`.
+
+One process owns a job from its PENDING record to its end. It is started
+by `orchestra submit` in the foreground (this process), by `Client()` as
+a background process on this machine, by Ray Jobs (`submit --address`)
+and by KubeRay's RayJob as the Ray job's entrypoint. The typed functions
+below are what each of them calls; `main` is only their command line.
+
+    python -m orchestra.driver run SPEC.json [--job-id ID] [--status-lines] ...
+    python -m orchestra.driver run --prepared PREPARED.json --job-id ID ...
+    python -m orchestra.driver resume JOB_ID [--storage ROOT] [--datasets DIR]
+
+Exit codes: 0 the job succeeded, 1 it failed or was stopped, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from orchestra.coordinator.protocol import CheckpointRef
+from orchestra.driver.preflight import Prepared, preflight
+from orchestra.driver.ray_runtime import cluster_address
+from orchestra.driver.resume import check_resumable, check_same_classes, reopen
+from orchestra.errors import OrchestraError, SpecError
+from orchestra.spec import load_spec, parse_spec
+from orchestra.storage import status_lines
+from orchestra.storage.folders import Storage, storage_root
+from orchestra.storage.record import JobRecord, JobState
+
+EXIT_OK, EXIT_JOB_FAILED = 0, 1
+
+
+def prepare_new(spec_path: str, *, workers: int | None = None, storage: str | None = None,
+                datasets: str | None = None, in_process: bool = False) -> Prepared:
+    """Read a spec file, apply the overrides, run every check (SpecError)."""
+    if workers is not None and workers < 1:
+        raise SpecError([("--workers", f"must be at least 1, not {workers}")], spec_path)
+    if in_process and workers is not None:
+        raise SpecError([("--workers", "does not go with --in-process, which trains in one process")], spec_path)
+    spec = load_spec(spec_path).with_overrides(workers=workers, storage=storage, source=spec_path)
+    return preflight(spec, storage=storage, datasets=datasets, source=spec_path,
+                     check_cluster=not in_process and cluster_address() is None)
+
+
+def prepare_resume(job_id: str, *, storage: str | None = None,
+                   datasets: str | None = None) -> tuple[Prepared, JobRecord, CheckpointRef | None]:
+    """Check that a job can resume, check its spec again, and reopen it
+    (PENDING, owned by this process): (prepared, record, checkpoint)."""
+    root = storage_root(storage)
+    record = check_resumable(Storage(root), job_id)
+    prepared = preflight(parse_spec(json.dumps(record.spec), job_id), storage=str(root), datasets=datasets,
+                         source=job_id, check_cluster=record.mode == "ray" and cluster_address() is None)
+    check_same_classes(record, prepared.images.train.class_names if prepared.images else None)
+    record, checkpoint = reopen(prepared.storage, job_id)
+    return prepared, record, checkpoint
+
+
+def drive(prepared: Prepared, record: JobRecord, resume_from: CheckpointRef | None = None,
+          out: TextIO = sys.stdout) -> JobRecord:
+    """Train a created or reopened job to its end, printing a line per
+    epoch to `out`; Ctrl-C or SIGTERM records it STOPPED. Returns the final record."""
+    from orchestra.driver.run import run_in_process, run_job
+
+    epochs = prepared.spec.fit.epochs
+    where = "in this process (reference run)" if record.mode == "in_process" else f"{record.workers} workers"
+    print(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}", file=out, flush=True)
+    run = run_in_process if record.mode == "in_process" else run_job
+    try:
+        return run(prepared, record, progress=lambda result: print(result.line(epochs), file=out, flush=True),
+                   resume_from=resume_from)
+    except KeyboardInterrupt:
+        print(f"job {record.job_id}: stopped after epoch {record.epochs_completed} "
+              f"(orchestra resume {record.job_id} continues it)", file=sys.stderr)
+        return record
+
+
+def exit_code(record: JobRecord) -> int:
+    return EXIT_OK if record.state is JobState.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestra.driver", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="create a job and train it to its end")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("spec", nargs="?", help="a JSON job spec (checked here)")
+    source.add_argument("--prepared", metavar="FILE", help="a spec a client has checked (Prepared.to_json)")
+    run.add_argument("--job-id", help="the job's id (default: a new one from the spec's name)")
+    run.add_argument("--workers", type=int)
+    run.add_argument("--in-process", action="store_true")
+    resume = verbs.add_parser("resume", help="continue a STOPPED or FAILED job from its latest checkpoint")
+    resume.add_argument("job_id")
+    for verb in (run, resume):
+        verb.add_argument("--storage", metavar="ROOT")
+        verb.add_argument("--datasets", metavar="DIR")
+        verb.add_argument("--status-lines", action="store_true",
+                          help="print a status line per record write, for clients that read this log")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from orchestra.driver.run import create_job
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "run":
+            if args.prepared:
+                prepared = Prepared.from_json(Path(args.prepared).read_text())
+            else:
+                prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage,
+                                       datasets=args.datasets, in_process=args.in_process)
+            if args.status_lines:
+                prepared.storage.on_write = status_lines.print_status_line
+            record, checkpoint = create_job(prepared, in_process=args.in_process, job_id=args.job_id), None
+        else:
+            prepared, record, checkpoint = prepare_resume(args.job_id, storage=args.storage, datasets=args.datasets)
+            if args.status_lines:
+                prepared.storage.on_write = status_lines.print_status_line
+    except OrchestraError as exc:
+        print(f"orchestra: {exc}", file=sys.stderr)
+        return exc.exit_code
+    record = drive(prepared, record, checkpoint)
+    if not args.status_lines:  # a client reading the status lines prints its own summary
+        print(record.status().summary(), flush=True)
+    return exit_code(record)

@@ -1,0 +1,237 @@
+"""Prepared spec → Ray Train job, driven to its end.
+
+The driver runs `TensorflowTrainer.fit()` in a background thread and, in the
+foreground, the coordinator: it reads the channel's events (whole epochs,
+saved checkpoints, restarts, the final evaluation), runs the driver-side
+callbacks and answers the workers. `run_in_process` is the reference run:
+the same coordinator and records around one plain Keras `fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Callable
+
+from orchestra.coordinator import Coordinator, EpochResult
+from orchestra.coordinator.protocol import CheckpointRef, EpochReports, WorkerConfig
+from orchestra.driver.callbacks import make_callbacks
+from orchestra.driver.preflight import Prepared
+from orchestra.driver.ray_runtime import ensure_ray, total_cpus
+from orchestra.driver.signals import stop_on_signals
+from orchestra.errors import StorageWriteError
+from orchestra.keras_compat import TENSORFLOW_ENV
+from orchestra.spec import JobSpec
+from orchestra.storage import heartbeat
+from orchestra.storage.record import JobRecord
+
+POLL_SECONDS = 0.5
+
+Progress = Callable[[EpochResult], None]
+
+
+def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None) -> JobRecord:
+    """The job's folder and PENDING record: the first thing written. A job
+    submitted through a client comes with the id the client returned."""
+    spec = prepared.spec
+    job_id = job_id or prepared.storage.new_job_id(spec.name)
+    prepared.storage.create_job_dir(job_id)
+    record = JobRecord(
+        job_id=job_id,
+        name=spec.name,
+        workers=1 if in_process else spec.scaling.workers,
+        mode="in_process" if in_process else "ray",
+        spec=spec.model_dump(mode="json"),
+        examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
+        input_shape=list(prepared.input_shape),
+    )
+    heartbeat.claim(record)
+    if prepared.images is not None:
+        record.class_names = prepared.images.train.class_names
+        record.skipped_files = len(prepared.images.skipped)
+        record.skipped_examples = prepared.images.skipped[:10]
+    prepared.storage.write_record(record)
+    return record
+
+
+def _coordinator(prepared: Prepared, record: JobRecord, progress: Progress,
+                 resume_from: CheckpointRef | None) -> Coordinator:
+    storage, job_id = prepared.storage, record.job_id
+    callbacks = make_callbacks(prepared.spec, lambda epoch: storage.checkpoint_dir(job_id, epoch),
+                               storage.tensorboard_dir(job_id), record.workers, prepared.model_summary)
+    coordinator = Coordinator(record, storage, callbacks, progress, fallback_monitor=prepared.spec.default_monitor)
+    if record.resumes:
+        coordinator.roll_back(resume_from)
+    return coordinator
+
+
+def _worker_config(prepared: Prepared, record: JobRecord, channel=None) -> WorkerConfig:
+    storage = prepared.storage
+    return WorkerConfig(
+        spec=prepared.spec,
+        npz_path=str(prepared.npz_path) if prepared.npz_path else None,
+        datasets_dir=str(prepared.datasets_dir),
+        model_dir=str(storage.model_dir(record.job_id)),
+        tensorboard_dir=str(storage.tensorboard_dir(record.job_id)),
+        images=prepared.images,
+        channel=channel,
+    )
+
+
+def run_in_process(prepared: Prepared, record: JobRecord, progress: Progress = lambda result: None,
+                   resume_from: CheckpointRef | None = None) -> JobRecord:
+    """The reference run: the same spec trained in this process by plain
+    Keras `fit`, no Ray, no distribution strategy, the same driver-side
+    callbacks, the same records, checkpoints and TensorBoard runs.
+    `resume_from` as in `run_job`."""
+    from orchestra.coordinator.channel import LocalChannel
+    from orchestra.keras_compat import tensorflow
+    from orchestra.worker.loop import train
+
+    stop_on_signals()
+    with _record_outcome(prepared, record):
+        coordinator = _coordinator(prepared, record, progress, resume_from)
+        train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
+              LocalChannel(coordinator, resume_from))
+        _end(prepared, record, record.finish)
+    return record
+
+
+def run_job(prepared: Prepared, record: JobRecord, progress: Progress = lambda result: None,
+            resume_from: CheckpointRef | None = None) -> JobRecord:
+    """Train the job on Ray Train workers to its end; return its final record.
+    Whatever ends it, the record says so: STOPPED on Ctrl-C or SIGTERM,
+    FAILED with the reason on any error, here or on a worker.
+
+    Args:
+        prepared: the checked spec and where things are.
+        record: the job's record (PENDING).
+        progress: called with each epoch's result.
+        resume_from: for a resumed job (`record.resumes`), the checkpoint
+            it continues from, or None: from the start.
+    """
+    stop_on_signals()  # while Ray starts, too; again once it has (_run_on_ray)
+    with _record_outcome(prepared, record):
+        _run_on_ray(prepared, record, progress, resume_from)
+    return record
+
+
+@contextlib.contextmanager
+def _record_outcome(prepared: Prepared, record: JobRecord):
+    """A job that ends by an exception is recorded as STOPPED (Ctrl-C or
+    SIGTERM, which goes on up) or FAILED with the error (which the record
+    now tells). The heartbeat beats meanwhile."""
+    with heartbeat.Heartbeat(record, prepared.storage):
+        try:
+            yield
+        except KeyboardInterrupt:
+            _end(prepared, record, record.stop, f"interrupted after epoch {record.epochs_completed}")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record carries it
+            _end(prepared, record, record.fail, f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _end(prepared: Prepared, record: JobRecord, move: Callable[..., None], *reason: str) -> None:
+    """Make the record's last move (`record.finish`, `.fail`, `.stop`) and write it."""
+    if record.state.is_terminal:
+        return
+    move(*reason)
+    try:
+        prepared.storage.write_record(record)
+    except StorageWriteError as exc:
+        # Nothing else can tell it: once this process has ended, readers see "driver lost".
+        print(f"orchestra: job {record.job_id} ended {record.state.value} ({record.reason}) but {exc}",
+              file=sys.stderr)
+
+
+def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress,
+                resume_from: CheckpointRef | None) -> None:
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestra.coordinator.channel import Channel
+    from orchestra.worker.loop import train_loop
+
+    spec, storage = prepared.spec, prepared.storage
+    ensure_ray(show_worker_output=spec.fit.verbose > 0)
+    stop_on_signals()  # after ray.init, which installs handlers of its own
+    # On the driver's node, as Ray Train's controller is: the loss of a worker's node must not take it along.
+    channel = Channel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote(spec.scaling.workers, resume_from)
+    coordinator = _coordinator(prepared, record, progress, resume_from)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config={"worker": _worker_config(prepared, record, channel)},
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=record.job_id,
+            storage_path=str(storage.job_dir(record.job_id) / "ray"),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            worker_runtime_env={"env_vars": dict(TENSORFLOW_ENV)},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - reported on the record
+            failure.append(exc)
+
+    # RUNNING once every worker has started (Coordinator.on_worker_started).
+    record.reason = _waiting_reason(spec)
+    storage.write_record(record)
+    thread = threading.Thread(target=fit, name=f"fit-{record.job_id}", daemon=True)
+    thread.start()
+    try:
+        _drive(channel, coordinator, thread)
+    finally:
+        ray.kill(channel)  # releases any worker still waiting for a decision
+    if failure:
+        _end(prepared, record, record.fail, _error_text(failure[0]))
+    else:
+        _end(prepared, record, record.finish)
+
+
+def _waiting_reason(spec: JobSpec) -> str:
+    return (f"waiting for resources: {spec.scaling.workers} workers x {spec.scaling.cpus_per_worker:g} CPU "
+            f"(the cluster has {total_cpus():g} CPU in all)")
+
+
+def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
+    """Answer the channel's events until training has ended and all is read."""
+    import ray
+
+    while True:
+        events = ray.get(channel.next_events.remote(POLL_SECONDS))
+        if not events and not thread.is_alive():
+            return
+        for event in events:
+            decision = coordinator.handle(event)
+            if isinstance(event, EpochReports):
+                channel.decide.remote(event.attempt, event.epoch, decision)
+
+
+def _error_text(exc: BaseException) -> str:
+    """The root cause a user can act on, not Ray's wrapping of it."""
+    failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
+    if failures:
+        rank, error = min(failures.items())
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        # Ray's worker errors run to many lines: their first says what, their last why.
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
+        return f"worker {rank}: {type(error).__name__}: {summary}"[:2000]
+    text = str(exc).strip()
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and ("Error" in line or "Exception" in line) and not line.startswith("File "):
+            return line[:2000]
+    return (text or type(exc).__name__)[:2000]

@@ -1,0 +1,181 @@
+"""The job record and the explicit state machine of a job's life.
+
+    PENDING ──start──► RUNNING ──finish──► SUCCEEDED
+       │                  │────fail─────► FAILED
+       └──fail / stop─────┴────stop─────► STOPPED
+    STOPPED / FAILED ──reopen──► PENDING   (`orchestra resume`)
+
+Every move is a method of `JobRecord` below, checked against
+`ALLOWED_TRANSITIONS`; nothing else sets a record's state. A record is the
+one file `status`, `list` and the client read; the coordinator rewrites it
+atomically after every epoch. `JobStatus` is its projection: the record's
+own field names, without the spec and the history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestra.errors import JobStateError
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED})
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.STOPPED: frozenset({JobState.PENDING}),
+}
+
+
+class InvalidTransition(JobStateError):
+    """A move the state table does not allow."""
+
+
+class CheckpointEntry(BaseModel):
+    epoch: int
+    path: str
+    value: float | None = None
+
+
+class _JobFields(BaseModel):
+    """The fields a status and a record share, under the same names."""
+
+    # A diverging job logs NaN: keep it as JSON's NaN rather than a null that cannot be read back.
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    job_id: str
+    name: str
+    state: JobState = JobState.PENDING
+    reason: str | None = Field(default=None, description="Why the job is in its state, e.g. the error.")
+    workers: int
+    mode: Literal["ray", "in_process"] = Field(
+        default="ray", description="Ray Train workers, or the in-process reference run."
+    )
+    epochs_completed: int = 0
+    stopped_epoch: int | None = None
+    monitor: str | None = None
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_checkpoint: str | None = Field(default=None, description="The best checkpoint's folder.")
+    model_path: str | None = Field(default=None, description="The model training ended with.")
+    tensorboard_logdir: str | None = None
+    test_metrics: dict[str, float] | None = None
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    restarts: int = 0
+    resumes: int = Field(default=0, description="How many times `orchestra resume` continued the job.")
+    warnings: list[str] = Field(default_factory=list, description="Optional writes that failed; training went on.")
+    heartbeat_at: float | None = Field(default=None, description="The driver's last sign of life (Unix time).")
+    class_names: list[str] | None = Field(default=None, description="An image folder's classes, in label order.")
+    skipped_files: int = Field(default=0, description="Files of an image folder that are not readable images.")
+
+
+class JobStatus(_JobFields):
+    """A job's status: what `orchestra status --json` prints and
+    `Client.status` returns."""
+
+    metrics: dict[str, int | float] = Field(default_factory=dict, description="The last epoch's history entry.")
+
+    def summary(self) -> str:
+        """The few lines `orchestra status` prints."""
+        lines = [f"job {self.job_id}: {self.state.value}" + (f" ({self.reason})" if self.reason else "")]
+        lines.append(f"  epochs completed  {self.epochs_completed}"
+                     + (f", stopped early at epoch {self.stopped_epoch}" if self.stopped_epoch else ""))
+        if self.best_epoch is not None:
+            lines.append(f"  best epoch        {self.best_epoch} ({self.monitor} {format_value(self.best_value)})")
+        if self.skipped_files:
+            lines.append(f"  skipped files     {self.skipped_files} (not readable images; see the record)")
+        if self.test_metrics:
+            lines.append("  test              " + "  ".join(f"{k} {format_value(v)}" for k, v in self.test_metrics.items()))
+        for label, value in (("best checkpoint", self.best_checkpoint), ("model", self.model_path),
+                             ("tensorboard", self.tensorboard_logdir)):
+            if value:
+                lines.append(f"  {label:<17} {value}")
+        return "\n".join(lines)
+
+
+class JobRecord(_JobFields):
+    """Everything known about one job. Epochs are counted from 1, as Keras
+    prints them: `stopped_epoch` 146 is Keras's `stopped_epoch + 1`."""
+
+    model_config = ConfigDict(validate_assignment=True, ser_json_inf_nan="constants")
+
+    spec: dict[str, Any]
+    input_shape: list[int] = Field(default_factory=list, description="Shape of one example, as the model sees it.")
+    history: list[dict[str, int | float]] = Field(default_factory=list)
+    checkpoints: list[CheckpointEntry] = Field(default_factory=list)
+    driver_pid: int | None = Field(default=None, description="The driver process that owns the job.")
+    driver_host: str | None = None
+    worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
+    examples_dropped_per_epoch: int = 0
+    skipped_examples: list[str] = Field(default_factory=list, description="The first few skipped files.")
+
+    # The moves of the state table; each checks it is allowed.
+
+    def start(self) -> None:
+        """PENDING → RUNNING: every worker has started."""
+        self._move(JobState.RUNNING, None)
+        self.started_at = time.time()
+
+    def finish(self) -> None:
+        """RUNNING → SUCCEEDED: trained to the end (or an early stop)."""
+        self._move(JobState.SUCCEEDED, None)
+
+    def fail(self, reason: str) -> None:
+        """→ FAILED, with what went wrong."""
+        self._move(JobState.FAILED, reason)
+
+    def stop(self, reason: str) -> None:
+        """→ STOPPED: Ctrl-C, SIGTERM, `orchestra cancel`."""
+        self._move(JobState.STOPPED, reason)
+
+    def reopen(self, resume_epoch: int) -> None:
+        """STOPPED / FAILED → PENDING: `orchestra resume` continues after `resume_epoch`."""
+        self._move(JobState.PENDING, f"resuming from epoch {resume_epoch}")
+        self.resumes += 1
+        self.stopped_epoch = None
+        self.test_metrics = None
+        self.model_path = None
+        self.worker_pids = {}
+
+    def _move(self, new: JobState, reason: str | None) -> None:
+        if new not in ALLOWED_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"job {self.job_id}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+        self.reason = reason
+        self.ended_at = time.time() if new.is_terminal else None
+
+    def status(self) -> JobStatus:
+        """What `orchestra status --json` prints and `Client.status` returns."""
+        return JobStatus(
+            **self.model_dump(include=set(_JobFields.model_fields)),
+            metrics=self.history[-1] if self.history else {},
+        )
+
+
+def format_value(value: Any) -> str:
+    """A metric as people read it: 4 decimals, `-` for none."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,1 @@
+"""Tools around jobs: TensorBoard's server, loss/accuracy plots, sample data."""
