@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from typing import Callable
 
 from orchestra.client.ray_jobs import submission_address
+from orchestra.driver.console import Console
 from orchestra.errors import ClusterError, OrchestraError, SpecError
 from orchestra.spec import json_schema, load_spec
+from orchestra.storage import status_lines
 from orchestra.storage.record import JobState, JobStatus, format_value
 from orchestra.tools.board import DEFAULT_HOST, DEFAULT_PORT
 
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--in-process", action="store_true",
                         help="reference run: plain Keras fit in this process, no Ray, no distribution strategy")
     _json_option(submit)
+    _quiet_option(submit)
 
     validate = _verb(verbs, "validate", cmd_validate, "check a job spec without running it")
     validate.add_argument("spec")
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--schema-only", action="store_true",
                           help="check everything but the files the spec names (data, weights) and the storage: "
                                "for a spec written for another machine")
+    _json_option(validate)
 
     evaluate = _verb(verbs, "evaluate", cmd_evaluate, "evaluate a job's best checkpoint (else its final model)")
     evaluate.add_argument("job_id")
@@ -85,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     _storage_option(predict)
     _checkpoint_option(predict)
+    _json_option(predict)
 
     _job_verb(verbs, "status", cmd_status, "show one job")
     listing = _verb(verbs, "list", cmd_list, "list jobs, newest first")
     _address_option(listing)
     _storage_option(listing)
     _json_option(listing)
-    _job_verb(verbs, "logs", cmd_logs, "print a job's driver output", json_output=False)
+    logs = _job_verb(verbs, "logs", cmd_logs, "print a job's driver output")
+    logs.add_argument("-f", "--follow", action="store_true", help="go on printing it until the job has ended")
     _job_verb(verbs, "cancel", cmd_cancel, "stop a job and its workers")
     wait = _job_verb(verbs, "wait", cmd_wait, "wait until a job has ended; exit 0 if it succeeded")
     wait.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 3)")
+    wait.add_argument("--progress", action="store_true",
+                      help="on a terminal, show the running epoch's progress bar while waiting")
     resume = _job_verb(verbs, "resume", cmd_resume, "continue a STOPPED or FAILED job from its latest checkpoint")
     _datasets_option(resume)
     resume.add_argument("--detach", action="store_true", help="resume in a background driver and return")
@@ -109,13 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the whole storage, jobs started later included (runs: <job>/tensorboard/...)")
     board.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                        help="how often TensorBoard reads new events (default 5)")
+    _json_option(board)
 
     plot = _verb(verbs, "plot", cmd_plot, "draw loss and accuracy curves of jobs to a PNG")
     plot.add_argument("jobs", nargs="+", metavar="JOB")
     _storage_option(plot)
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    _json_option(plot)
 
-    _verb(verbs, "schema", cmd_schema, "print the job spec's JSON Schema")
+    _verb(verbs, "schema", cmd_schema, "print the job spec's JSON Schema (always JSON)")
+    completion = _verb(verbs, "completion", cmd_completion,
+                       "print a shell completion script: orchestra completion bash > /etc/bash_completion.d/orchestra")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
@@ -125,14 +139,13 @@ def _verb(verbs, name: str, handler: Handler, help: str) -> argparse.ArgumentPar
     return parser
 
 
-def _job_verb(verbs, name: str, handler: Handler, help: str, json_output: bool = True) -> argparse.ArgumentParser:
+def _job_verb(verbs, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
     """A verb about one job, here or on a cluster."""
     parser = _verb(verbs, name, handler, help)
     parser.add_argument("job_id")
     _address_option(parser)
     _storage_option(parser)
-    if json_output:
-        _json_option(parser)
+    _json_option(parser)
     return parser
 
 
@@ -160,6 +173,10 @@ def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
                         help="which model (default: best checkpoint, else final)")
 
 
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the final status")
+
+
 def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
@@ -173,13 +190,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.schema_only:
         spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
         preflight(spec, storage=args.storage, source=args.spec, check_cluster=False, check_files=False)
-        print(f"{args.spec}: valid as a spec (the files it names and the storage were not checked)")
+        _print(args, {"spec": args.spec, "valid": True, "checked_files": False},
+               f"{args.spec}: valid as a spec (the files it names and the storage were not checked)")
         return EXIT_OK
     prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage, datasets=args.datasets)
     spec = prepared.spec
-    print(f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
-          f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}")
+    _print(args, {"spec": args.spec, "valid": True, "checked_files": True, "workers": spec.scaling.workers,
+                  "layers": len(spec.model.layers), "epochs": spec.fit.epochs, "storage": str(prepared.storage.root)},
+           f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
+           f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}")
     return EXIT_OK
+
+
+def _print(args: argparse.Namespace, document: dict, text: str) -> None:
+    """`document` as JSON with --json, else `text`."""
+    print(json.dumps(document, indent=1) if args.json else text, flush=True)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -194,7 +219,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage, datasets=args.datasets,
                            in_process=args.in_process)
-    record = drive(prepared, create_job(prepared, in_process=args.in_process))
+    record = create_job(prepared, in_process=args.in_process)
+    record = drive(prepared, record, console=Console(sys.stdout, quiet=args.quiet))
     _print_status(record.status(), args.json)
     return exit_code(record)
 
@@ -228,30 +254,33 @@ def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
     if args.detach:
         return EXIT_OK
     try:
-        status = _follow(client, job_id)
+        status = _follow(client, job_id, Console(sys.stdout, quiet=args.quiet))
     except KeyboardInterrupt:
         print(f"job {job_id}: no longer followed; it goes on (orchestra cancel {job_id} stops it)", file=sys.stderr)
         return EXIT_INTERRUPTED
     return _print_final(status, args.json)
 
 
-def _follow(client, job_id: str, poll_seconds: float = 1.0) -> JobStatus:
-    """Print the driver's output as it comes, without its status lines,
-    until the job has ended; return the final status."""
-    from orchestra.storage.status_lines import is_status_line
+def _follow(client, job_id: str, console: Console) -> JobStatus:
+    """Show the driver's output as it comes until the job has ended: its
+    lines, and its progress as a bar on a terminal (never its status
+    lines); return the final status."""
+    pending = ""
+    for chunk in client.follow(job_id):
+        *lines, pending = (pending + chunk).split("\n")
+        for line in lines:
+            _show(line, console)
+    _show(pending, console)
+    console.close()
+    return client.status(job_id)
 
-    printed = 0
-    while True:
-        status = client.status(job_id)
-        log = client.logs(job_id)
-        end = len(log) if status.state.is_terminal else log.rfind("\n", printed) + 1
-        for line in log[printed:end].splitlines():
-            if not is_status_line(line):
-                print(line, flush=True)
-        printed = max(printed, end)
-        if status.state.is_terminal:
-            return status
-        time.sleep(poll_seconds)
+
+def _show(line: str, console: Console) -> None:
+    progress = status_lines.parse_progress(line)
+    if progress is not None:
+        console.progress(progress)
+    elif line and not status_lines.is_status_line(line):
+        console.line(line)
 
 
 def _print_status(status: JobStatus, as_json: bool) -> None:
@@ -280,16 +309,40 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=1))
         return EXIT_OK
-    print(f"{'JOB':44} {'STATE':10} {'EPOCHS':>6} {'BEST':>6}  MONITOR")
-    for s in statuses:
-        best = "-" if s.best_epoch is None else str(s.best_epoch)
-        print(f"{s.job_id:44} {s.state.value:10} {s.epochs_completed:>6} {best:>6}  "
-              f"{s.monitor or '-'} {format_value(s.best_value)}")
+    print(job_table(statuses, shutil.get_terminal_size().columns))
     return EXIT_OK
 
 
+def job_table(statuses: list[JobStatus], width: int) -> str:
+    """`orchestra list`'s table: columns as wide as their widest cell, the
+    job ids shortened (with `…`) when the table would not fit `width`."""
+    header = ("JOB", "STATE", "EPOCHS", "BEST", "MONITOR")
+    rows = [(s.job_id, s.state.value, str(s.epochs_completed), "-" if s.best_epoch is None else str(s.best_epoch),
+             f"{s.monitor or '-'} {format_value(s.best_value)}") for s in statuses]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    room = width - sum(widths[1:]) - 2 * (len(header) - 1)
+    widths[0] = max(len(header[0]), min(widths[0], room))
+
+    def line(cells) -> str:
+        job = cells[0] if len(cells[0]) <= widths[0] else cells[0][:widths[0] - 1] + "…"
+        return "  ".join([job.ljust(widths[0]), cells[1].ljust(widths[1]), cells[2].rjust(widths[2]),
+                          cells[3].rjust(widths[3]), cells[4]]).rstrip()
+
+    return "\n".join(line(cells) for cells in [header, *rows])
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    sys.stdout.write(_client(args).logs(args.job_id))
+    if args.follow:
+        try:
+            _follow(_client(args), args.job_id, Console(sys.stdout))
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return EXIT_OK
+    log = _client(args).logs(args.job_id)
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "log": log}, indent=1))
+    else:  # the lines for people, without those for clients
+        sys.stdout.writelines(line for line in log.splitlines(keepends=True) if not status_lines.is_status_line(line))
     return EXIT_OK
 
 
@@ -304,8 +357,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.progress and sys.stdout.isatty() and args.timeout is None:
+        console = Console(sys.stdout)
+        for chunk in client.follow(args.job_id):
+            for line in chunk.splitlines():
+                progress = status_lines.parse_progress(line)
+                if progress is not None:
+                    console.progress(progress)
+        console.close()
     try:
-        status = _client(args).wait(args.job_id, args.timeout)
+        status = client.wait(args.job_id, args.timeout)
     except TimeoutError as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
@@ -325,7 +387,7 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
               "can read these runs", file=sys.stderr)
     url = serve(logdirs, args.host, args.port, args.reload_interval)
     what = f"every job in {args.storage or 'the storage'}, new ones included" if args.watch else f"{len(logdirs)} job(s)"
-    print(f"TensorBoard for {what} at {url} (Ctrl-C to stop)", flush=True)
+    _print(args, {"url": url, "jobs": sorted(logdirs)}, f"TensorBoard for {what} at {url} (Ctrl-C to stop)")
     try:
         while True:
             time.sleep(3600)
@@ -358,7 +420,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from orchestra.client.inference import predict
 
     result = predict(args.job_id, args.input, args.output, storage=args.storage, checkpoint=args.checkpoint)
-    print(f"wrote {result['output']}: {result['examples']} predictions, per class {result['classes']}")
+    _print(args, result, f"wrote {result['output']}: {result['examples']} predictions, per class {result['classes']}")
     return EXIT_OK
 
 
@@ -367,13 +429,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from orchestra.tools.plot import plot_jobs
 
     storage = Storage(storage_root(args.storage))
-    plot_jobs([storage.read_record(job_id) for job_id in args.jobs], args.output)
-    print(f"wrote {args.output}")
+    output = plot_jobs([storage.read_record(job_id, history=True) for job_id in args.jobs], args.output)
+    _print(args, {"output": str(output), "jobs": args.jobs}, f"wrote {output}")
     return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=1))
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
     return EXIT_OK
 
 

@@ -64,6 +64,14 @@ def small_spec(**overrides) -> dict:
     return spec
 
 
+def read_job(job_dir: Path) -> dict:
+    """A job's record as JSON, with its per-epoch history (`history.jsonl`) under "history"."""
+    record = json.loads((job_dir / "job.json").read_text())
+    history = job_dir / "history.jsonl"
+    record["history"] = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
+    return record
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(json.dumps(spec))
     return path
@@ -84,7 +92,7 @@ def finished_job(tmp_path_factory, mnist_dir):
     job_id = result.stdout.split()[1].rstrip(":")
     status = run_cli("status", job_id, "--storage", root / "storage", "--json")
     assert status.returncode == 0, status.stderr
-    record = json.loads((root / "storage" / job_id / "job.json").read_text())
+    record = read_job(root / "storage" / job_id)
     return {"stdout": result.stdout, "status": json.loads(status.stdout), "record": record,
             "storage": root / "storage", "job_id": job_id, "mnist_dir": mnist_dir}
 

@@ -1,5 +1,5 @@
 """`Client()` with no address: jobs on this machine, each driven by a
-background `orchestra submit` with its own embedded Ray."""
+background driver (`python -m orchestra.driver`) with its own embedded Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import psutil
 import pytest
-from conftest import run_cli, small_spec, write_spec
+from conftest import read_job, run_cli, small_spec, write_spec
 
 from orchestra import Client, JobState, SpecError
 
@@ -35,7 +35,7 @@ def test_local_client_submits_follows_and_cancels(tmp_path, mnist_dir):
 
     final = client.cancel(job_id)
     assert final.state is JobState.STOPPED and final.epochs_completed >= 2
-    record = json.loads((storage / job_id / "job.json").read_text())
+    record = read_job(storage / job_id)
     assert record["state"] == "STOPPED"
     deadline = time.monotonic() + 60
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import run_cli, small_spec, write_spec
+from conftest import read_job, run_cli, small_spec, write_spec
 from ray_cluster import LoopbackCluster
 
 from orchestra import Client, JobState
@@ -55,7 +55,7 @@ def test_cli_submit_follows_the_job_and_the_client_reads_it_back(cluster, client
     assert "epoch 3/3" in result.stdout and "SUCCEEDED" in result.stdout
     assert "@orchestra-status" not in result.stdout
 
-    record = json.loads((storage / job_id / "job.json").read_text())
+    record = read_job(storage / job_id)
     status = client.status(job_id)
     assert status.state is JobState.SUCCEEDED
     assert (status.epochs_completed, status.best_epoch, status.test_metrics) == (
@@ -103,7 +103,7 @@ def test_two_jobs_at_once_then_cancel_one_and_its_workers_end(cluster, client, t
     assert final.state is JobState.STOPPED
     assert final.epochs_completed >= 2
     assert final.reason.startswith(("interrupted after epoch", "cancelled after epoch"))
-    pids = json.loads((storage / long_job / "job.json").read_text())["worker_pids"].values()
+    pids = read_job(storage / long_job)["worker_pids"].values()
     wait_for(lambda: not any(_running(pid) for pid in pids), 60, "the workers to end")
     assert run_cli("status", long_job, env=cluster.client_env()).stdout.split()[2] == "STOPPED"
 
@@ -150,7 +150,7 @@ def test_node_loss_with_max_failures_waits_for_a_node_and_resumes_from_the_check
     reference = run_cli("submit", spec, "--in-process", "--storage", tmp_path / "reference",
                         "--datasets", mnist_dir)
     assert reference.returncode == 0, reference.stderr
-    expected = json.loads((tmp_path / "reference" / reference.stdout.split()[1].rstrip(":") / "job.json").read_text())
+    expected = read_job(tmp_path / "reference" / reference.stdout.split()[1].rstrip(":"))
 
     job_id = client.submit(spec, storage=str(tmp_path / "shared"))
     wait_for(lambda: client.status(job_id).epochs_completed >= 3, 300, "three epochs")
@@ -176,7 +176,7 @@ def test_node_loss_without_max_failures_fails_with_the_reason_and_leaves_nothing
     job_id = client.submit(write_spec(tmp_path / "fragile.json", quick_spec(**{"fit.epochs": 500})),
                            storage=str(storage))
     wait_for(lambda: client.status(job_id).epochs_completed >= 2, 300, "two epochs")
-    pids = json.loads((storage / job_id / "job.json").read_text())["worker_pids"].values()
+    pids = read_job(storage / job_id)["worker_pids"].values()
     cluster.stop_node(len(cluster.nodes) - 1)
     lost_at = time.time()
     final = client.wait(job_id, timeout=300)
@@ -184,3 +184,63 @@ def test_node_loss_without_max_failures_fails_with_the_reason_and_leaves_nothing
     assert "worker" in final.reason.lower() or "node" in final.reason.lower(), final.reason
     wait_for(lambda: not any(_running(pid) for pid in pids), 60, "the surviving worker to end")
     print(f"node lost to FAILED: {final.ended_at - lost_at:.1f} s, reason: {final.reason}")
+
+
+def fake_orchestra_job(jobs, job_id: str, *, lines: int = 0, pause: float = 0.0) -> None:
+    """A Ray job that looks like a finished orchestra job to a client: it
+    prints `lines` epoch lines (`pause` s apart), then a final status line."""
+    import shlex
+
+    from orchestra.storage import status_lines
+    from orchestra.storage.record import JobRecord
+
+    record = JobRecord(job_id=job_id, name="fake", workers=2, spec={})
+    record.start()
+    record.epochs_completed = lines
+    record.finish()
+    script = f"import time\nfor i in range({lines}):\n    print(f'epoch {{i + 1}}/{lines}', flush=True)\n" \
+             f"    time.sleep({pause})\nprint({status_lines.status_line(record)!r}, flush=True)\n"
+    jobs.submit_job(entrypoint=shlex.join(["python", "-c", script]), submission_id=job_id,
+                    metadata={"orchestra": "1", "name": "fake", "workers": "2"})
+
+
+class CountingLogs:
+    """Counts the job server's log downloads a client makes (the real calls, passed through)."""
+
+    def __init__(self, client: Client):
+        self.calls: list[str] = []
+        jobs = client._jobs._jobs
+        real = jobs.get_job_logs
+
+        def get_job_logs(job_id):
+            self.calls.append(job_id)
+            return real(job_id)
+
+        jobs.get_job_logs = get_job_logs
+
+
+def test_remote_list_reads_each_finished_log_once_and_follow_streams_it(cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster.token_path))
+    monkeypatch.setenv("ORCHESTRA_CACHE", str(tmp_path / "cache"))
+    first = Client(cluster.address)
+    ids = [f"fake-{i}" for i in range(4)]
+    for job_id in ids:
+        fake_orchestra_job(first._jobs._jobs, job_id)
+    streamed = "fake-follow"
+    fake_orchestra_job(first._jobs._jobs, streamed, lines=120, pause=0.02)
+    chunks = list(first.follow(streamed))  # returns once the job has ended
+    log = first.logs(streamed)
+    assert "".join(chunks) == log and len(chunks) > 1  # streamed in pieces, each byte once
+    assert log.count("epoch ") == 120
+
+    wait_for(lambda: all(first._jobs._jobs.get_job_status(job_id).is_terminal() for job_id in ids), 120,
+             "the fake jobs to end")
+    counting = CountingLogs(first)
+    listed = {status.job_id: status for status in first.list() if status.job_id.startswith("fake-")}
+    assert set(listed) == {*ids, streamed} and all(s.state is JobState.SUCCEEDED for s in listed.values())
+    assert sorted(c for c in counting.calls if c.startswith("fake-")) == sorted([*ids, streamed])  # once each
+    again = Client(cluster.address)  # a new client, as a second `orchestra list` would be
+    counting = CountingLogs(again)
+    assert {s.job_id for s in again.list()} >= set(listed)
+    assert [c for c in counting.calls if c.startswith("fake-")] == []  # finished jobs come from the cache
+    assert again.status(ids[0]).state is JobState.SUCCEEDED and not any(c == ids[0] for c in counting.calls)

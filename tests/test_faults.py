@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli, small_spec, tensorboard_steps, write_spec
+from conftest import read_job, run_cli, small_spec, tensorboard_steps, write_spec
 
 from orchestra import Client, JobState
 
@@ -98,7 +98,7 @@ def assert_latest_checkpoint_evaluates_to_its_epoch(job_id: str, storage: Path, 
     from orchestra.spec import JobSpec
     from orchestra.storage.folders import Storage, model_file
 
-    record = json.loads((storage / job_id / "job.json").read_text())
+    record = read_job(storage / job_id)
     checkpoint = latest_checkpoint(Storage(storage), job_id)  # what resume starts from, maybe newer than the record's
     assert checkpoint is not None
     model = keras().models.load_model(str(model_file(checkpoint.path)))
@@ -110,7 +110,7 @@ def assert_latest_checkpoint_evaluates_to_its_epoch(job_id: str, storage: Path, 
 
 
 def assert_resumed_as_if_never_stopped(job_id: str, storage: Path) -> None:
-    record = json.loads((storage / job_id / "job.json").read_text())
+    record = read_job(storage / job_id)
     assert record["state"] == "SUCCEEDED", record["reason"]
     assert record["resumes"] == 1
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4, 5]
@@ -158,7 +158,7 @@ def test_killed_driver_is_seen_as_lost_and_resumes(tmp_path, mnist_dir):
     process.wait()
     status = json.loads(run_cli("status", job_id, "--storage", storage, "--json").stdout)
     detected = time.monotonic() - killed
-    assert json.loads((storage / job_id / "job.json").read_text())["state"] == "RUNNING"  # as the driver left it
+    assert read_job(storage / job_id)["state"] == "RUNNING"  # as the driver left it
     assert status["state"] == "FAILED" and status["reason"].startswith("driver lost: process")
     # Ray's dashboard and runtime-env agents see their raylet die at once but
     # take a minute to exit (they try to tell the dead GCS); all else ends at once.
@@ -180,7 +180,7 @@ def test_killed_worker_fails_the_job_and_leaves_nothing(tmp_path, mnist_dir):
     process, storage, log, record, family = job_at_epoch_2(tmp_path, mnist_dir, "victim")
     killed = time.monotonic()
     os.kill(record["worker_pids"]["1"], signal.SIGKILL)
-    while json.loads((storage / record["job_id"] / "job.json").read_text())["state"] == "RUNNING":
+    while read_job(storage / record["job_id"])["state"] == "RUNNING":
         assert time.monotonic() - killed < 120, log.read_text()
         time.sleep(0.05)
     detected = time.monotonic() - killed

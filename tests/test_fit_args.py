@@ -5,11 +5,9 @@ what validation runs."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from conftest import run_cli, small_spec, write_spec
+from conftest import read_job, run_cli, small_spec, write_spec
 
 from orchestra.build import data as data_lib
 from orchestra.build.model import build_model
@@ -37,7 +35,7 @@ def fit_args_job(tmp_path_factory, mnist_dir):
                      "--datasets", mnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split()[1].rstrip(":")
-    record = json.loads((root / "storage" / job_id / "job.json").read_text())
+    record = read_job(root / "storage" / job_id)
     return JobSpec.model_validate(spec), record, mnist_dir
 
 

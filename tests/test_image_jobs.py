@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_spec
+from conftest import read_job, run_cli, write_spec
 
 import orchestra
 from orchestra.build.images import decode
@@ -47,7 +47,7 @@ def image_job(tmp_path_factory):
     result = run_cli("submit", spec_path, "--storage", root / "storage")
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split()[1].rstrip(":")
-    record = json.loads((root / "storage" / job_id / "job.json").read_text())
+    record = read_job(root / "storage" / job_id)
     return {"root": root, "job_id": job_id, "record": record, "validation": validation}
 
 

@@ -13,7 +13,7 @@ def record_at(epochs: int, state: JobState = JobState.RUNNING) -> JobRecord:
     record = JobRecord(job_id="j-1", name="j", workers=2, spec={}, state=JobState.PENDING)
     if state is not JobState.PENDING:
         record.start()
-    record.history = [{"epoch": e, "loss": 1.0 / e} for e in range(1, epochs + 1)]
+    record.metrics = {"epoch": epochs, "loss": 1.0 / epochs} if epochs else {}
     record.epochs_completed = epochs
     if state is JobState.SUCCEEDED:
         record.finish()
@@ -35,7 +35,7 @@ def log_of(*records: JobRecord) -> str:
 
 def test_history_is_rebuilt_from_the_status_lines_and_rolled_back_on_restart():
     lines = [record_at(1), record_at(2), record_at(3), record_at(2), record_at(3), record_at(4)]
-    lines[3].history[-1] = {"epoch": 2, "loss": 0.25}  # epoch 2 again, after a restart from epoch 1
+    lines[3].metrics = {"epoch": 2, "loss": 0.25}  # epoch 2 again, after a restart from epoch 1
     history = status_lines.history_from(status_lines.parse_statuses(log_of(*lines)))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[1]["loss"] == 0.25

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from orchestra.client.inference import evaluate, load_model, predict
@@ -72,13 +73,17 @@ class Client:
         """Block until the job has ended; return its final status.
         Raises TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status(job_id)
-            if status.state.is_terminal:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {status.state.value} after {timeout:g} s")
-            time.sleep(poll_seconds)
+        try:
+            self._jobs.wait_until_ended(job_id, deadline, poll_seconds)
+        except TimeoutError:
+            state = self.status(job_id).state.value
+            raise TimeoutError(f"job {job_id} is still {state} after {timeout:g} s") from None
+        return self.status(job_id)
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """The driver's output as it comes, in chunks, until the job has
+        ended; on a cluster streamed, each byte once."""
+        return self._jobs.follow(job_id)
 
     def metrics(self, job_id: str) -> list[dict[str, float]]:
         """The per-epoch history of the whole job."""

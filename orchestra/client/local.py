@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from orchestra.errors import StorageError
@@ -74,7 +75,9 @@ class LocalJobs:
         return self.drivers / f"{check_job_id(job_id)}.prepared.json"
 
     def _start_driver(self, job_id: str, verb: list[str], log_mode: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "orchestra.driver", *verb, "--storage", str(self.storage.root)]
+        # Status and progress lines in the log let a follower draw the progress bar.
+        command = [sys.executable, "-m", "orchestra.driver", *verb, "--storage", str(self.storage.root),
+                   "--status-lines"]
         with open(self.drivers / f"{job_id}.log", log_mode) as log:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
@@ -84,7 +87,11 @@ class LocalJobs:
 
     def status(self, job_id: str) -> JobStatus:
         try:
-            return heartbeat.checked(self.storage.read_record(job_id)).status()
+            record = heartbeat.checked(self.storage.read_record(job_id), self.storage)
+            status = record.status()
+            if not status.state.is_terminal:
+                status.progress = heartbeat.read_progress(self.storage, record)
+            return status
         except StorageError:
             pid = self._pid(job_id)
             if pid is None:
@@ -99,10 +106,10 @@ class LocalJobs:
         return JobStatus(state=JobState.FAILED, reason=reason[:2000], **placeholder)
 
     def list(self) -> list[JobStatus]:
-        return [heartbeat.checked(record).status() for record in self.storage.records()]
+        return [heartbeat.checked(record, self.storage).status() for record in self.storage.records()]
 
     def metrics(self, job_id: str) -> list[dict[str, int | float]]:
-        return self.storage.read_record(job_id).history
+        return self.storage.read_record(job_id, history=True).history
 
     def logs(self, job_id: str) -> str:
         path = self.drivers / f"{check_job_id(job_id)}.log"
@@ -110,6 +117,28 @@ class LocalJobs:
             raise StorageError(f"no driver log for job '{job_id}': only jobs submitted with --detach or "
                                "Client.submit keep one (a foreground job printed to its terminal)")
         return path.read_text(errors="replace")
+
+    def follow(self, job_id: str, poll_seconds: float = 0.3) -> Iterator[str]:
+        """The driver's output as it comes, in chunks, until the job has
+        ended: only the bytes added since the last look are read."""
+        self.logs(job_id)  # StorageError for a job with no driver log
+        path = self.drivers / f"{check_job_id(job_id)}.log"
+        with open(path, "rb") as log:
+            while True:
+                ended = self.status(job_id).state.is_terminal  # before reading: the last bytes come after
+                chunk = log.read()
+                if chunk:
+                    yield chunk.decode(errors="replace")
+                if ended:
+                    return
+                time.sleep(poll_seconds)
+
+    def wait_until_ended(self, job_id: str, deadline: float | None, poll_seconds: float) -> None:
+        """Return once the job has ended (TimeoutError past the monotonic `deadline`)."""
+        while not self.status(job_id).state.is_terminal:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError
+            time.sleep(poll_seconds)
 
     def cancel(self, job_id: str) -> None:
         """SIGTERM to the driver, which records STOPPED and ends its workers."""

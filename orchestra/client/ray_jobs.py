@@ -9,24 +9,35 @@ cluster's Ray and prints a status line per record write
 (`orchestra.storage.status_lines`).
 Everything a client knows of a job comes from Ray's job state and those
 lines, so a laptop needs only the address and the cluster's token.
+
+What it costs: `list` is one `list_jobs` call plus the logs of the jobs
+that have not ended; a job's final status, which can no longer change, is
+kept in a cache on this machine (`~/.cache/orchestra/ray-jobs/`), so each
+finished job's log is read at most once. Following a job streams its log
+(Ray's `tail_job_logs`): the log crosses the network once, not once a
+second. The job server's passing failures (a reset connection, a 5xx) are
+retried with backoff a few times before they are shown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shlex
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from orchestra.errors import ClusterError, SpecError
+from orchestra.errors import ClusterError, SpecError, StorageError
 from orchestra.keras_compat import TENSORFLOW_ENV
 from orchestra.spec import JobSpec
 from orchestra.storage import status_lines
-from orchestra.storage.folders import new_job_id
+from orchestra.storage.folders import atomic_write_text, check_job_id, new_job_id
 from orchestra.storage.record import JobState, JobStatus
 
 ADDRESS_ENVS = ("ORCHESTRA_ADDRESS", "RAY_ADDRESS")
@@ -65,6 +76,7 @@ class RayJobs:
 
         with _cluster_errors(self.address):
             self._jobs = JobSubmissionClient(self.address, headers=_token_headers())
+        self.cache = StatusCache(self.address)
 
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
                datasets: str | None = None) -> str:
@@ -97,41 +109,172 @@ class RayJobs:
         return job_id
 
     def status(self, job_id: str) -> JobStatus:
-        info = self._info(job_id)
-        return _combined_status(info, status_lines.parse_statuses(self.logs(job_id)))
+        cached = self.cache.get(job_id)
+        if cached is not None:
+            return cached
+        return self._status(self._info(job_id))
 
     def list(self) -> list[JobStatus]:
-        with _cluster_errors(self.address):
-            jobs = [job for job in self._jobs.list_jobs() if (job.metadata or {}).get(METADATA_KEY)]
+        jobs = [job for job in self._call(self._jobs.list_jobs) if (job.metadata or {}).get(METADATA_KEY)]
         jobs.sort(key=lambda job: job.start_time or 0, reverse=True)
-        return [_combined_status(job, status_lines.parse_statuses(self.logs(job.submission_id))) for job in jobs]
+        return [self.cache.get(job.submission_id) or self._status(job) for job in jobs]
+
+    def _status(self, info: Any) -> JobStatus:
+        """A job's status from Ray's job info and its driver's log; kept in
+        the cache once it can no longer change."""
+        log = self.logs(info.submission_id)
+        status = _combined_status(info, status_lines.parse_statuses(log))
+        if status.state.is_terminal and _ray_state(info) in RAY_TERMINAL_STATES:
+            self.cache.put(status)
+        elif not status.state.is_terminal:
+            status = status.model_copy(update={"progress": status_lines.latest_progress(log)})
+        return status
 
     def metrics(self, job_id: str) -> list[dict[str, int | float]]:
         self._info(job_id)
         return status_lines.history_from(status_lines.parse_statuses(self.logs(job_id)))
 
     def logs(self, job_id: str) -> str:
-        with _cluster_errors(self.address, job_id):
-            return self._jobs.get_job_logs(job_id)
+        return self._call(self._jobs.get_job_logs, job_id, job_id=job_id)
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """The driver's output as it comes, in chunks, until the job has
+        ended: streamed, each byte once; a dropped stream is reopened and
+        what was already seen skipped."""
+        self._info(job_id)
+        seen = 0
+        for attempt in range(RETRIES + 1):
+            received = 0
+            try:
+                for chunk in _iterate(self._jobs.tail_job_logs(job_id)):
+                    received += len(chunk)
+                    if received > seen:
+                        yield chunk[len(chunk) - (received - seen):]
+                        seen = received
+                return
+            except Exception as error:  # noqa: BLE001 - Ray's SDK raises RuntimeError and aiohttp errors
+                if attempt == RETRIES or not _transient(error):
+                    with _cluster_errors(self.address, job_id):
+                        raise
+                time.sleep(_backoff(attempt))
+
+    def wait_until_ended(self, job_id: str, deadline: float | None, poll_seconds: float) -> None:
+        """Return once Ray says the job's driver has ended (TimeoutError past
+        the monotonic `deadline`): Ray's job state only, no logs, each poll."""
+        while _ray_state(self._info(job_id)) not in RAY_TERMINAL_STATES and self.cache.get(job_id) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError
+            time.sleep(poll_seconds)
 
     def cancel(self, job_id: str) -> None:
         """Ask Ray to stop the driver (SIGTERM, then SIGKILL); its workers go with it."""
         self._info(job_id)
-        with _cluster_errors(self.address, job_id):
-            self._jobs.stop_job(job_id)
+        self._call(self._jobs.stop_job, job_id, job_id=job_id)
 
     def _info(self, job_id: str):
-        with _cluster_errors(self.address, job_id):
-            info = self._jobs.get_job_info(job_id)
+        info = self._call(self._jobs.get_job_info, job_id, job_id=job_id)
         if not (info.metadata or {}).get(METADATA_KEY):
             raise ClusterError(f"Ray job '{job_id}' at {self.address} is not an orchestra job")
         return info
+
+    def _call(self, method, *args, job_id: str | None = None):
+        """One request to the job server: passing failures retried with
+        backoff, the last one (or any other) as a ClusterError."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return method(*args)
+            except Exception as error:  # noqa: BLE001 - Ray's SDK raises RuntimeError, ConnectionError, requests errors
+                if attempt == RETRIES or not _transient(error):
+                    with _cluster_errors(self.address, job_id):
+                        raise
+                time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+
+RETRIES = 4
+RAY_TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+CACHE_ENV = "ORCHESTRA_CACHE"
+
+
+def _backoff(attempt: int) -> float:
+    return min(4.0, 0.25 * 2 ** attempt)
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure worth trying again: the connection dropped or the server
+    answered 5xx. A refused token, an unknown job or a bad request are not."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(error, AuthenticationError):
+        return False
+    text = str(error)
+    if "does not exist" in text or "404" in text:
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError, OSError)):
+        return True
+    return any(mark in text for mark in ("status code 5", "Connection reset", "Connection aborted",
+                                          "Server disconnected", "closed unexpectedly", "Bad Gateway",
+                                          "Service Unavailable", "Internal Server Error"))
+
+
+def _iterate(stream) -> Iterator[str]:
+    """An async iterator's items, one at a time, in this (synchronous) thread."""
+    loop = asyncio.new_event_loop()
+    try:
+        iterator = stream.__aiter__()
+        while True:
+            try:
+                yield loop.run_until_complete(iterator.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def _ray_state(info: Any) -> str:
+    return str(info.status.value if hasattr(info.status, "value") else info.status)
+
+
+class StatusCache:
+    """Final statuses of a cluster's jobs, kept on this machine: a job that
+    has ended cannot change, so its log need not be read again. Files are
+    data only (JSON of a JobStatus, validated on read); an unreadable one is
+    as good as none.
+
+    Args:
+        address: the job server the statuses come from.
+        root: the cache folder (default: ORCHESTRA_CACHE, else XDG_CACHE_HOME
+            or ~/.cache, then orchestra/ray-jobs).
+    """
+
+    def __init__(self, address: str, root: Path | None = None):
+        if root is None:
+            xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+            root = Path(os.environ.get(CACHE_ENV) or xdg / "orchestra") / "ray-jobs"
+        self.folder = Path(root) / hashlib.sha256(address.encode()).hexdigest()[:16]
+
+    def _path(self, job_id: str) -> Path:
+        return self.folder / f"{check_job_id(job_id)}.json"
+
+    def get(self, job_id: str) -> JobStatus | None:
+        try:
+            status = JobStatus.model_validate_json(self._path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return status if status.job_id == job_id and status.state.is_terminal else None
+
+    def put(self, status: JobStatus) -> None:
+        try:
+            atomic_write_text(self._path(status.job_id), status.model_dump_json())
+        except (OSError, StorageError):
+            pass  # a cache that cannot be written only costs a read next time
 
 
 def _combined_status(info: Any, statuses: list[JobStatus]) -> JobStatus:
     """The driver's last status, corrected by what Ray knows: a driver Ray
     stopped or lost cannot have said so itself."""
-    ray_state = str(info.status.value if hasattr(info.status, "value") else info.status)
+    ray_state = _ray_state(info)
     last = statuses[-1] if statuses else None
     if last is not None and (last.state.is_terminal or ray_state in ("PENDING", "RUNNING")):
         return last

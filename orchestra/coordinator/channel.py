@@ -34,6 +34,7 @@ from orchestra.coordinator.protocol import (
     Finished,
     Restarted,
     StartReply,
+    StepProgress,
     WorkerReport,
     WorkerStarted,
 )
@@ -106,6 +107,12 @@ class ChannelState:
     def finished(self, result: FinalResult) -> None:
         self.events.append(Finished(result))
 
+    def progress(self, progress: StepProgress) -> None:
+        """The chief's position; an unread older one is replaced, not queued."""
+        if self.events and isinstance(self.events[-1], StepProgress):
+            self.events.pop()
+        self.events.append(progress)
+
     def drain(self) -> list[Event]:
         events = list(self.events)
         self.events.clear()
@@ -153,6 +160,10 @@ class Channel:
         self.state.finished(result)
         await self._notify()
 
+    async def progress(self, progress: StepProgress) -> None:
+        self.state.progress(progress)
+        await self._notify()
+
     async def next_events(self, timeout: float) -> list[Event]:
         """The events since the last call, waiting up to `timeout` s for one."""
         async with self.changed:
@@ -183,3 +194,6 @@ class LocalChannel:
 
     def finished(self, result: FinalResult) -> None:
         self.coordinator.on_finished(result)
+
+    def progress(self, progress: StepProgress) -> None:
+        self.coordinator.on_progress(progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +20,12 @@ from orchestra.coordinator.protocol import (
     FinalResult,
     Finished,
     Restarted,
+    StepProgress,
     WorkerReport,
     WorkerStarted,
 )
 from orchestra.storage.folders import Storage
-from orchestra.storage.record import JobRecord, JobState
+from orchestra.storage.record import JobProgress, JobRecord, JobState
 
 
 class Coordinator:
@@ -44,12 +46,18 @@ class Coordinator:
         callbacks: list[CoordinatorCallback],
         progress: Callable[[EpochResult], None] = lambda result: None,
         fallback_monitor: str = "loss",
+        on_step: Callable[[JobProgress], None] = lambda progress: None,
     ):
         self.record = record
         self.storage = storage
         self.callbacks = callbacks
         self.progress = progress
-        self.fallback = Monitor(fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
+        self.on_step = on_step
+        self.latest_progress: JobProgress | None = None
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, Checkpoint)), None)
+        monitor = checkpoint.monitor if checkpoint is not None else Monitor(
+            fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
+        self._best = _BestEpoch(monitor, record.history)
         for callback in list(callbacks):
             self._call(callback, callback.on_job_start, record.job_id)
         self.initial_state = self.state_dict()
@@ -68,6 +76,8 @@ class Coordinator:
                 self.on_restart(checkpoint)
             case Finished(result=result):
                 self.on_finished(result)
+            case StepProgress():
+                self.on_progress(event)
             case _:
                 raise TypeError(f"not a channel event: {event!r}")
         return None
@@ -77,6 +87,7 @@ class Coordinator:
         self.record.worker_pids = {**self.record.worker_pids, str(rank): pid}
         if self.record.state is JobState.PENDING and len(self.record.worker_pids) == self.record.workers:
             self.record.start()
+            self.record.startup = {**self.record.startup, "workers": time.time()}
         self.storage.write_record(self.record)
 
     def on_epoch(self, reports: tuple[WorkerReport, ...]) -> Decision:
@@ -87,11 +98,26 @@ class Coordinator:
         if decision.checkpoint is not None:
             state = {"epoch": result.epoch, "callbacks": self.state_dict()}
             decision.checkpoint = dataclasses.replace(decision.checkpoint, state=state)
-        self.record.history.append(result.history_entry())
+        if "first_epoch" not in self.record.startup:
+            self.record.startup = {**self.record.startup, **_chief_startup(reports), "first_epoch": time.time()}
+        entry = result.history_entry()
+        self.storage.append_history(self.record.job_id, entry)
+        self.record.history.append(entry)
+        self.record.metrics = entry
         self.record.epochs_completed = result.epoch
+        self._best.see(entry)
         self._refresh_record()
         self.progress(result)
         return decision
+
+    def on_progress(self, step: StepProgress) -> None:
+        """The chief's position inside the epoch → the job's progress and
+        ETA, handed to `on_step` (the driver draws it; the heartbeat keeps it)."""
+        if step.step <= 0 or step.elapsed <= 0:
+            return
+        epochs = self.record.spec.get("fit", {}).get("epochs", step.epoch)
+        self.latest_progress = estimate_progress(step, epochs, self.record.history)
+        self.on_step(self.latest_progress)
 
     def on_checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
         for callback in self.callbacks:
@@ -117,7 +143,10 @@ class Coordinator:
             for callback in self.callbacks:
                 callback.on_checkpoint_saved(checkpoint)
         self.record.history = [h for h in self.record.history if h["epoch"] <= resume_epoch]
+        self.storage.rewrite_history(self.record.job_id, self.record.history)
+        self.record.metrics = self.record.history[-1] if self.record.history else {}
         self.record.epochs_completed = resume_epoch
+        self._best = _BestEpoch(self._best.monitor, self.record.history)
         self._refresh_record()
 
     def on_finished(self, final: FinalResult) -> None:
@@ -153,22 +182,60 @@ class Coordinator:
         for callback in self.callbacks:
             fields.update(callback.record_fields())
         if "best_epoch" not in fields:
-            fields.update(self._best_from_history())
+            fields.update(self._best.record_fields())
         for name, value in fields.items():
             setattr(self.record, name, value)
         self.storage.write_record(self.record)
 
-    def _best_from_history(self) -> dict[str, Any]:
-        """Without early stopping, the best epoch by the checkpoint's monitor
-        (or val_loss, or loss): strictly better only, as Keras counts it."""
-        monitor = self.fallback
-        checkpoint = next((cb for cb in self.callbacks if isinstance(cb, Checkpoint)), None)
-        if checkpoint is not None:
-            monitor = checkpoint.monitor
-        best_epoch, best = None, monitor.worst
-        for entry in self.record.history:
-            value = entry.get(monitor.name)
-            if value is not None and monitor.is_improvement(value, best):
-                best_epoch, best = int(entry["epoch"]), value
-        return {"monitor": monitor.name, "best_epoch": best_epoch,
-                "best_value": best if best_epoch is not None else None}
+
+def _chief_startup(reports: tuple[WorkerReport, ...]) -> dict[str, float]:
+    """The chief's start-up marks (`worker_...`), from its first report."""
+    chief = min(reports, key=lambda report: report.rank)
+    return {f"worker_{name}": value for name, value in (chief.startup or {}).items()}
+
+
+def estimate_progress(step: StepProgress, epochs: int, history: list[dict[str, Any]]) -> JobProgress:
+    """The epoch's and the job's remaining time from the chief's position:
+    the epoch at its current pace, later epochs at the mean of the epochs
+    done (this one's pace if none is).
+
+    Example:
+
+        >>> p = estimate_progress(StepProgress(epoch=2, step=25, steps=100, elapsed=5.0, samples=800), 4,
+        ...                       [{"epoch": 1, "epoch_time": 22.0}])
+        >>> p.samples_per_second, p.epoch_eta_seconds, p.job_eta_seconds
+        (160.0, 15.0, 59.0)
+    """
+    epoch_time = step.elapsed * step.steps / step.step
+    times = [entry["epoch_time"] for entry in history if "epoch_time" in entry]
+    per_epoch = sum(times) / len(times) if times else epoch_time
+    epoch_eta = max(0.0, epoch_time - step.elapsed)
+    return JobProgress(
+        epoch=step.epoch, epochs=epochs, step=step.step, steps=step.steps,
+        samples_per_second=step.samples / step.elapsed,
+        epoch_eta_seconds=round(epoch_eta, 3),
+        job_eta_seconds=round(epoch_eta + max(0, epochs - step.epoch) * per_epoch, 3),
+        loss=step.loss,
+    )
+
+
+class _BestEpoch:
+    """Without early stopping, the record's best epoch by the checkpoint's
+    monitor (or the default one): strictly better only, as Keras counts it.
+    Kept as epochs come, so each costs the same however long the job."""
+
+    def __init__(self, monitor: Monitor, history: list[dict[str, Any]] = ()):
+        self.monitor = monitor
+        self.epoch: int | None = None
+        self.value = monitor.worst
+        for entry in history:
+            self.see(entry)
+
+    def see(self, entry: dict[str, Any]) -> None:
+        value = entry.get(self.monitor.name)
+        if value is not None and self.monitor.is_improvement(value, self.value):
+            self.epoch, self.value = int(entry["epoch"]), value
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.name, "best_epoch": self.epoch,
+                "best_value": self.value if self.epoch is not None else None}

@@ -42,8 +42,10 @@ class EarlyStopping(CoordinatorCallback):
         >>> for epoch, loss in enumerate([0.5, 0.4, 0.45, 0.46], start=1):
         ...     decision = Decision()
         ...     stopper.on_epoch_end(EpochResult(epoch, {"val_loss": loss}, 1.0, 1.0), decision)
-        >>> decision.stop, stopper.stopped_epoch, stopper.best_epoch
-        (True, 3, 2)
+        ...     if decision.stop:  # every worker stops after this epoch
+        ...         break
+        >>> epoch, stopper.stopped_epoch, stopper.best_epoch
+        (3, 3, 2)
     """
 
     def __init__(

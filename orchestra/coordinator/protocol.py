@@ -10,6 +10,7 @@ attempt of a worker group:
     report(WorkerReport) ─────► EpochReports (all ranks) ───► on_epoch
         ◄── Decision ◄───────────────────────────────────────── decide
     checkpoint_saved(ref) ────► CheckpointSaved ────────────► on_checkpoint_saved
+    progress(StepProgress) ───► StepProgress (rank 0, ~1/s) ─► on_progress
     finished(FinalResult) ────► Finished ───────────────────► on_finished
     (a new group starts)   ──► Restarted(attempt, checkpoint) ► on_restart
 """
@@ -76,6 +77,8 @@ class WorkerReport:
     samples: int
     batch_losses: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    # In a worker's first report: when its start-up steps ended (Unix time), e.g. {"tensorflow": ..., "data": ...}.
+    startup: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,4 +146,17 @@ class Finished:
     result: FinalResult
 
 
-Event = Union[WorkerStarted, EpochReports, CheckpointSaved, Restarted, Finished]
+@dataclass(frozen=True)
+class StepProgress:
+    """Where the chief is inside an epoch (epochs from 1), sent about once a
+    second, never through a collective: what a progress bar needs."""
+
+    epoch: int
+    step: int
+    steps: int
+    elapsed: float
+    samples: int
+    loss: float | None = None
+
+
+Event = Union[WorkerStarted, EpochReports, CheckpointSaved, Restarted, Finished, StepProgress]

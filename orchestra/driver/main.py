@@ -19,9 +19,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TextIO
 
 from orchestra.coordinator.protocol import CheckpointRef
+from orchestra.driver.console import Console
 from orchestra.driver.preflight import Prepared, preflight
 from orchestra.driver.ray_runtime import cluster_address
 from orchestra.driver.resume import check_resumable, check_same_classes, reopen
@@ -60,22 +60,27 @@ def prepare_resume(job_id: str, *, storage: str | None = None,
 
 
 def drive(prepared: Prepared, record: JobRecord, resume_from: CheckpointRef | None = None,
-          out: TextIO = sys.stdout) -> JobRecord:
-    """Train a created or reopened job to its end, printing a line per
-    epoch to `out`; Ctrl-C or SIGTERM records it STOPPED. Returns the final record."""
+          console: Console | None = None) -> JobRecord:
+    """Train a created or reopened job to its end, showing a line per epoch
+    (and a progress bar on a terminal) on `console` (default: stdout);
+    Ctrl-C or SIGTERM records it STOPPED. Returns the final record."""
     from orchestra.driver.run import run_in_process, run_job
 
+    console = console or Console(sys.stdout)
     epochs = prepared.spec.fit.epochs
     where = "in this process (reference run)" if record.mode == "in_process" else f"{record.workers} workers"
-    print(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}", file=out, flush=True)
+    console.line(f"job {record.job_id}: {where}, storage {prepared.storage.job_dir(record.job_id)}")
     run = run_in_process if record.mode == "in_process" else run_job
     try:
-        return run(prepared, record, progress=lambda result: print(result.line(epochs), file=out, flush=True),
-                   resume_from=resume_from)
+        return run(prepared, record, progress=lambda result: console.line(result.line(epochs)),
+                   resume_from=resume_from, on_step=console.progress)
     except KeyboardInterrupt:
+        console.close()
         print(f"job {record.job_id}: stopped after epoch {record.epochs_completed} "
               f"(orchestra resume {record.job_id} continues it)", file=sys.stderr)
         return record
+    finally:
+        console.close()
 
 
 def exit_code(record: JobRecord) -> int:
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--storage", metavar="ROOT")
         verb.add_argument("--datasets", metavar="DIR")
         verb.add_argument("--status-lines", action="store_true",
-                          help="print a status line per record write, for clients that read this log")
+                          help="print a status line per record write and progress lines, for clients that "
+                               "read this log")
     return parser
 
 
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestraError as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return exc.exit_code
-    record = drive(prepared, record, checkpoint)
+    record = drive(prepared, record, checkpoint, Console(sys.stdout, progress_lines=args.status_lines))
     if not args.status_lines:  # a client reading the status lines prints its own summary
         print(record.status().summary(), flush=True)
     return exit_code(record)

@@ -27,7 +27,7 @@ _CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
 def check_resumable(storage: Storage, job_id: str) -> JobRecord:
     """The job's record, as a reader sees it (a lost driver is FAILED);
     JobStateError unless it is STOPPED or FAILED."""
-    record = heartbeat.checked(storage.read_record(job_id))
+    record = heartbeat.checked(storage.read_record(job_id, history=True), storage)
     if record.state not in RESUMABLE:
         raise JobStateError(f"job {job_id} is {record.state.value}: only STOPPED or FAILED jobs can be resumed")
     return record

@@ -10,8 +10,10 @@ the same coordinator and records around one plain Keras `fit`.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
+import time
 from typing import Callable
 
 from orchestra.coordinator import Coordinator, EpochResult
@@ -24,11 +26,12 @@ from orchestra.errors import StorageWriteError
 from orchestra.keras_compat import TENSORFLOW_ENV
 from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
-from orchestra.storage.record import JobRecord
+from orchestra.storage.record import JobProgress, JobRecord
 
 POLL_SECONDS = 0.5
 
 Progress = Callable[[EpochResult], None]
+OnStep = Callable[[JobProgress], None]
 
 
 def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None) -> JobRecord:
@@ -47,6 +50,7 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
         input_shape=list(prepared.input_shape),
     )
     heartbeat.claim(record)
+    record.startup = {"process": process_started_at(), "checked": time.time()}
     if prepared.images is not None:
         record.class_names = prepared.images.train.class_names
         record.skipped_files = len(prepared.images.skipped)
@@ -55,12 +59,30 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
     return record
 
 
-def _coordinator(prepared: Prepared, record: JobRecord, progress: Progress,
-                 resume_from: CheckpointRef | None) -> Coordinator:
+def process_started_at() -> float:
+    """When this process started (Unix time), from Linux's /proc; now elsewhere."""
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+def _coordinator(prepared: Prepared, record: JobRecord, progress: Progress, on_step: OnStep,
+                 beat: heartbeat.Heartbeat, resume_from: CheckpointRef | None) -> Coordinator:
     storage, job_id = prepared.storage, record.job_id
     callbacks = make_callbacks(prepared.spec, lambda epoch: storage.checkpoint_dir(job_id, epoch),
                                storage.tensorboard_dir(job_id), record.workers, prepared.model_summary)
-    coordinator = Coordinator(record, storage, callbacks, progress, fallback_monitor=prepared.spec.default_monitor)
+
+    def step(current: JobProgress) -> None:
+        beat.progress = current
+        on_step(current)
+
+    coordinator = Coordinator(record, storage, callbacks, progress, fallback_monitor=prepared.spec.default_monitor,
+                              on_step=step)
     if record.resumes:
         coordinator.roll_back(resume_from)
     return coordinator
@@ -80,18 +102,18 @@ def _worker_config(prepared: Prepared, record: JobRecord, channel=None) -> Worke
 
 
 def run_in_process(prepared: Prepared, record: JobRecord, progress: Progress = lambda result: None,
-                   resume_from: CheckpointRef | None = None) -> JobRecord:
+                   resume_from: CheckpointRef | None = None, on_step: OnStep = lambda step: None) -> JobRecord:
     """The reference run: the same spec trained in this process by plain
     Keras `fit`, no Ray, no distribution strategy, the same driver-side
     callbacks, the same records, checkpoints and TensorBoard runs.
-    `resume_from` as in `run_job`."""
+    `resume_from` and `on_step` as in `run_job`."""
     from orchestra.coordinator.channel import LocalChannel
     from orchestra.keras_compat import tensorflow
     from orchestra.worker.loop import train
 
     stop_on_signals()
-    with _record_outcome(prepared, record):
-        coordinator = _coordinator(prepared, record, progress, resume_from)
+    with _record_outcome(prepared, record) as beat:
+        coordinator = _coordinator(prepared, record, progress, on_step, beat, resume_from)
         train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
               LocalChannel(coordinator, resume_from))
         _end(prepared, record, record.finish)
@@ -99,7 +121,7 @@ def run_in_process(prepared: Prepared, record: JobRecord, progress: Progress = l
 
 
 def run_job(prepared: Prepared, record: JobRecord, progress: Progress = lambda result: None,
-            resume_from: CheckpointRef | None = None) -> JobRecord:
+            resume_from: CheckpointRef | None = None, on_step: OnStep = lambda step: None) -> JobRecord:
     """Train the job on Ray Train workers to its end; return its final record.
     Whatever ends it, the record says so: STOPPED on Ctrl-C or SIGTERM,
     FAILED with the reason on any error, here or on a worker.
@@ -110,10 +132,11 @@ def run_job(prepared: Prepared, record: JobRecord, progress: Progress = lambda r
         progress: called with each epoch's result.
         resume_from: for a resumed job (`record.resumes`), the checkpoint
             it continues from, or None: from the start.
+        on_step: called with the running epoch's progress, about once a second.
     """
     stop_on_signals()  # while Ray starts, too; again once it has (_run_on_ray)
-    with _record_outcome(prepared, record):
-        _run_on_ray(prepared, record, progress, resume_from)
+    with _record_outcome(prepared, record) as beat:
+        _run_on_ray(prepared, record, progress, on_step, beat, resume_from)
     return record
 
 
@@ -122,9 +145,9 @@ def _record_outcome(prepared: Prepared, record: JobRecord):
     """A job that ends by an exception is recorded as STOPPED (Ctrl-C or
     SIGTERM, which goes on up) or FAILED with the error (which the record
     now tells). The heartbeat beats meanwhile."""
-    with heartbeat.Heartbeat(record, prepared.storage):
+    with heartbeat.Heartbeat(record, prepared.storage) as beat:
         try:
-            yield
+            yield beat
         except KeyboardInterrupt:
             _end(prepared, record, record.stop, f"interrupted after epoch {record.epochs_completed}")
             raise
@@ -145,8 +168,8 @@ def _end(prepared: Prepared, record: JobRecord, move: Callable[..., None], *reas
               file=sys.stderr)
 
 
-def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress,
-                resume_from: CheckpointRef | None) -> None:
+def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress, on_step: OnStep,
+                beat: heartbeat.Heartbeat, resume_from: CheckpointRef | None) -> None:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -157,11 +180,12 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress,
 
     spec, storage = prepared.spec, prepared.storage
     ensure_ray(show_worker_output=spec.fit.verbose > 0)
+    record.startup = {**record.startup, "ray": time.time()}
     stop_on_signals()  # after ray.init, which installs handlers of its own
     # On the driver's node, as Ray Train's controller is: the loss of a worker's node must not take it along.
     channel = Channel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote(spec.scaling.workers, resume_from)
-    coordinator = _coordinator(prepared, record, progress, resume_from)
+    coordinator = _coordinator(prepared, record, progress, on_step, beat, resume_from)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"worker": _worker_config(prepared, record, channel)},
@@ -220,18 +244,43 @@ def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
                 channel.decide.remote(event.attempt, event.epoch, decision)
 
 
+# A worker that dies cuts its peers' collectives: their errors follow from it.
+_DEATH = ("HealthCheck", "ActorDied", "WorkerCrashed", "OutOfMemory", "ActorUnavailable", "NodeDied")
+_COLLATERAL = ("Collective ops is aborted", "UnavailableError", "Connection reset by peer", "CancelledError",
+               "Socket closed", "failed to connect")
+
+
 def _error_text(exc: BaseException) -> str:
-    """The root cause a user can act on, not Ray's wrapping of it."""
+    """The root cause a user can act on, not Ray's wrapping of it: of the
+    workers that failed, the one that died (Ray's health check, an actor
+    death) over peers whose collectives it cut, whichever Ray heard of first;
+    the others follow in brackets."""
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
     if failures:
-        rank, error = min(failures.items())
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-        # Ray's worker errors run to many lines: their first says what, their last why.
-        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
-        return f"worker {rank}: {type(error).__name__}: {summary}"[:2000]
+        ranked = sorted(failures.items(), key=lambda item: (_blame(item[1]), item[0]))
+        (rank, error), others = ranked[0], ranked[1:]
+        text = f"worker {rank}: {_summary(error)}"
+        if others:
+            text += " [then " + "; ".join(f"worker {r}: {_summary(e)[:200]}" for r, e in others) + "]"
+        return text[:2000]
     text = str(exc).strip()
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line and ("Error" in line or "Exception" in line) and not line.startswith("File "):
             return line[:2000]
     return (text or type(exc).__name__)[:2000]
+
+
+def _blame(error: BaseException) -> int:
+    """0 for a worker that died, 1 for an error of its own, 2 for a peer's collective cut short."""
+    kind, text = type(error).__name__, str(error)
+    if any(mark in kind or mark in text.split("\n", 1)[0] for mark in _DEATH):
+        return 0
+    return 2 if any(mark in text for mark in _COLLATERAL) else 1
+
+
+def _summary(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    # Ray's worker errors run to many lines: their first says what, their last why.
+    summary = lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
+    return f"{type(error).__name__}: {summary}"

@@ -1,6 +1,8 @@
 """Shared storage: one folder per job, atomic records, atomic checkpoints.
 
-    <root>/<job_id>/job.json                 the record (write, fsync, rename)
+    <root>/<job_id>/job.json                 the record: state and last epoch (write, fsync, rename)
+    <root>/<job_id>/history.jsonl            one line per epoch (append, fsync)
+    <root>/<job_id>/heartbeat.json           the driver's sign of life (storage.heartbeat)
     <root>/<job_id>/checkpoints/epoch-0007/   one checkpoint (published by rename):
         model.keras | model.weights.h5         the model, or its weights only
         state.json                             the driver's callback state at that epoch
@@ -28,6 +30,7 @@ from orchestra.storage.record import JobRecord
 STORAGE_ENV = "ORCHESTRA_STORAGE"
 DEFAULT_STORAGE = "~/orchestra_storage"
 RECORD_FILE = "job.json"
+HISTORY_FILE = "history.jsonl"
 CHECKPOINT_STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"
@@ -72,17 +75,34 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would: teammates sharing the storage can read it
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, StorageWriteError):
             raise StorageWriteError.of(path, exc) from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new file in `directory` survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_directory(staging: Path, final: Path) -> None:
@@ -97,6 +117,7 @@ def publish_directory(staging: Path, final: Path) -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+        fsync_directory(final.parent)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise StorageWriteError.of(final, exc) from exc
@@ -140,20 +161,61 @@ class Storage:
     def tensorboard_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "tensorboard"
 
-    def write_record(self, record: JobRecord, announce: bool = True) -> None:
-        """Write the record atomically; `announce` it to `on_write` unless
-        only its heartbeat changed."""
+    def write_record(self, record: JobRecord) -> None:
+        """Write the record atomically (without its history, which
+        `append_history` keeps) and announce it to `on_write`."""
         with self._write_lock:  # serialised inside the lock: writes land in the order of their contents
             atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
-        if announce and self.on_write is not None:
+        if self.on_write is not None:
             self.on_write(record)
 
-    def read_record(self, job_id: str) -> JobRecord:
+    def read_record(self, job_id: str, history: bool = False) -> JobRecord:
+        """The job's record; with `history`, its per-epoch history too
+        (`list` and `status` need only the record)."""
         path = self.job_dir(job_id) / RECORD_FILE
         try:
-            return JobRecord.model_validate_json(path.read_text())
+            record = JobRecord.model_validate_json(path.read_text())
         except FileNotFoundError:
             raise StorageError(f"no job '{job_id}' in {self.root}") from None
+        if record.history and not record.metrics:  # a record from before history.jsonl held its history
+            record.metrics = record.history[-1]
+        if history:
+            record.history = self.read_history(job_id) or record.history
+        return record
+
+    def append_history(self, job_id: str, entry: dict) -> None:
+        """Add one epoch's line to the history: a constant cost per epoch,
+        whatever the job's length."""
+        path = self.job_dir(job_id) / HISTORY_FILE
+        line = json.dumps(entry, allow_nan=True) + "\n"
+        try:
+            with open(path, "a") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise StorageWriteError.of(path, exc) from exc
+
+    def rewrite_history(self, job_id: str, entries: list[dict]) -> None:
+        """Replace the history (a restart or resume cuts it back to its checkpoint)."""
+        text = "".join(json.dumps(entry, allow_nan=True) + "\n" for entry in entries)
+        atomic_write_text(self.job_dir(job_id) / HISTORY_FILE, text)
+
+    def read_history(self, job_id: str) -> list[dict]:
+        """Every epoch's entry, oldest first; a last line cut short by a
+        crash mid-append is left out."""
+        path = self.job_dir(job_id) / HISTORY_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in text.splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break
+        return entries
 
     def records(self) -> list[JobRecord]:
         """Every job in the storage, newest first."""

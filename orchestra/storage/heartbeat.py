@@ -1,9 +1,10 @@
 """A dead driver is seen as dead.
 
 The driver of a job stamps its record with its pid and host and, while the
-job runs, rewrites the record's `heartbeat_at` every few seconds. A reader
-(`status`, `list`, `wait`, `resume`) that finds an unfinished job whose
-driver is gone — its process no longer exists on this host, or its
+job runs, rewrites a small file of its own, `<job>/heartbeat.json`, every
+few seconds (the record itself is written only when something happens). A
+reader (`status`, `list`, `wait`, `resume`) that finds an unfinished job
+whose driver is gone — its process no longer exists on this host, or its
 heartbeat is older than ORCHESTRA_HEARTBEAT_TIMEOUT seconds (default 30) —
 shows it as FAILED with the reason "driver lost". Nothing is written: the
 record on disk stays the driver's.
@@ -11,18 +12,20 @@ record on disk stays the driver's.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 
 from orchestra.errors import StorageWriteError
-from orchestra.storage.folders import Storage
-from orchestra.storage.record import JobRecord
+from orchestra.storage.folders import Storage, atomic_write_text
+from orchestra.storage.record import JobProgress, JobRecord
 
 TIMEOUT_ENV = "ORCHESTRA_HEARTBEAT_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
 DRIVER_LOST = "driver lost"
+HEARTBEAT_FILE = "heartbeat.json"
 
 
 def timeout_seconds() -> float:
@@ -39,6 +42,34 @@ def claim(record: JobRecord) -> None:
     record.heartbeat_at = time.time()
 
 
+def _read_beat(storage: Storage, record: JobRecord) -> dict:
+    """The record's driver's heartbeat file ({} if none, unreadable, or another driver's)."""
+    try:
+        beat = json.loads((storage.job_dir(record.job_id) / HEARTBEAT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(beat, dict) or beat.get("pid") != record.driver_pid or beat.get("host") != record.driver_host:
+        return {}
+    return beat
+
+
+def last_beat(storage: Storage, record: JobRecord) -> float | None:
+    """When the record's driver last beat: its heartbeat file, else the time in the record."""
+    try:
+        return max(float(_read_beat(storage, record)["at"]), record.heartbeat_at or 0.0)
+    except (KeyError, TypeError, ValueError):
+        return record.heartbeat_at
+
+
+def read_progress(storage: Storage, record: JobRecord) -> JobProgress | None:
+    """The running epoch's progress, as the driver's last heartbeat had it."""
+    progress = _read_beat(storage, record).get("progress")
+    try:
+        return None if progress is None else JobProgress.model_validate(progress)
+    except ValueError:
+        return None
+
+
 def driver_lost(record: JobRecord, now: float | None = None) -> str | None:
     """Why the record's driver is known to be gone, or None."""
     if record.state.is_terminal or record.heartbeat_at is None:
@@ -51,14 +82,16 @@ def driver_lost(record: JobRecord, now: float | None = None) -> str | None:
     return None
 
 
-def checked(record: JobRecord) -> JobRecord:
-    """The record as a reader must see it: FAILED "driver lost" if its
-    driver is gone, else as written."""
-    reason = driver_lost(record)
-    if reason is None:
+def checked(record: JobRecord, storage: Storage) -> JobRecord:
+    """The record as a reader must see it: its driver's last heartbeat, and
+    FAILED "driver lost" if its driver is gone, else as written."""
+    if record.state.is_terminal:
         return record
     seen = record.model_copy(deep=True)
-    seen.fail(f"{reason} after epoch {record.epochs_completed}")
+    seen.heartbeat_at = last_beat(storage, record)
+    reason = driver_lost(seen)
+    if reason is not None:
+        seen.fail(f"{reason} after epoch {record.epochs_completed}")
     return seen
 
 
@@ -78,7 +111,7 @@ def process_alive(pid: int) -> bool:
 
 
 class Heartbeat:
-    """Rewrites the record's heartbeat from a background thread while the
+    """Rewrites the job's heartbeat file from a background thread while the
     job runs (a context manager). A failed write is retried on the next
     beat: the job itself is not the heartbeat's to fail.
 
@@ -94,9 +127,12 @@ class Heartbeat:
         self.interval = interval or min(5.0, timeout_seconds() / 6)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{record.job_id}", daemon=True)
+        self.beats = 0
+        self.progress: JobProgress | None = None  # the driver's latest, written with each beat
 
     def __enter__(self) -> Heartbeat:
         claim(self.record)
+        self._write()
         self._thread.start()
         return self
 
@@ -108,8 +144,13 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             if self.record.state.is_terminal:
                 return
-            self.record.heartbeat_at = time.time()
-            try:
-                self.storage.write_record(self.record, announce=False)
-            except StorageWriteError:
-                continue
+            self._write()
+
+    def _write(self) -> None:
+        self.beats += 1
+        beat = {"pid": self.record.driver_pid, "host": self.record.driver_host, "at": time.time(),
+                "beats": self.beats, "progress": self.progress and self.progress.model_dump(mode="json")}
+        try:
+            atomic_write_text(self.storage.job_dir(self.record.job_id) / HEARTBEAT_FILE, json.dumps(beat))
+        except StorageWriteError:
+            pass

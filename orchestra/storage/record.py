@@ -57,6 +57,33 @@ class CheckpointEntry(BaseModel):
     value: float | None = None
 
 
+class JobProgress(BaseModel):
+    """Where a running job is inside its current epoch, and when it should end."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    samples_per_second: float
+    epoch_eta_seconds: float
+    job_eta_seconds: float
+    loss: float | None = None
+
+    def bar(self, width: int = 30) -> str:
+        """`epoch 3/30 [#########.....] 120/400  812 samples/s  epoch ETA 0:12  job ETA 5:31  loss 0.2514`"""
+        done = int(width * self.step / max(1, self.steps))
+        loss = f"  loss {format_value(self.loss)}" if self.loss is not None else ""
+        return (f"epoch {self.epoch}/{self.epochs} [{'#' * done}{'.' * (width - done)}] {self.step}/{self.steps}  "
+                f"{self.samples_per_second:.0f} samples/s  epoch ETA {_clock(self.epoch_eta_seconds)}  "
+                f"job ETA {_clock(self.job_eta_seconds)}{loss}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class _JobFields(BaseModel):
     """The fields a status and a record share, under the same names."""
 
@@ -89,25 +116,29 @@ class _JobFields(BaseModel):
     heartbeat_at: float | None = Field(default=None, description="The driver's last sign of life (Unix time).")
     class_names: list[str] | None = Field(default=None, description="An image folder's classes, in label order.")
     skipped_files: int = Field(default=0, description="Files of an image folder that are not readable images.")
+    metrics: dict[str, int | float] = Field(default_factory=dict, description="The last epoch's history entry.")
 
 
 class JobStatus(_JobFields):
     """A job's status: what `orchestra status --json` prints and
     `Client.status` returns."""
 
-    metrics: dict[str, int | float] = Field(default_factory=dict, description="The last epoch's history entry.")
+    progress: JobProgress | None = Field(default=None, description="Inside the current epoch, while it runs.")
 
     def summary(self) -> str:
         """The few lines `orchestra status` prints."""
         lines = [f"job {self.job_id}: {self.state.value}" + (f" ({self.reason})" if self.reason else "")]
         lines.append(f"  epochs completed  {self.epochs_completed}"
                      + (f", stopped early at epoch {self.stopped_epoch}" if self.stopped_epoch else ""))
+        if self.progress is not None and not self.state.is_terminal:
+            lines.append(f"  progress          {self.progress.bar()}")
         if self.best_epoch is not None:
             lines.append(f"  best epoch        {self.best_epoch} ({self.monitor} {format_value(self.best_value)})")
         if self.skipped_files:
             lines.append(f"  skipped files     {self.skipped_files} (not readable images; see the record)")
         if self.test_metrics:
-            lines.append("  test              " + "  ".join(f"{k} {format_value(v)}" for k, v in self.test_metrics.items()))
+            tests = "  ".join(f"{k} {format_value(v)}" for k, v in self.test_metrics.items())
+            lines.append(f"  test              {tests}")
         for label, value in (("best checkpoint", self.best_checkpoint), ("model", self.model_path),
                              ("tensorboard", self.tensorboard_logdir)):
             if value:
@@ -123,13 +154,19 @@ class JobRecord(_JobFields):
 
     spec: dict[str, Any]
     input_shape: list[int] = Field(default_factory=list, description="Shape of one example, as the model sees it.")
-    history: list[dict[str, int | float]] = Field(default_factory=list)
+    # Kept in <job>/history.jsonl, one line per epoch, not in the record's file.
+    history: list[dict[str, int | float]] = Field(default_factory=list, exclude=True)
     checkpoints: list[CheckpointEntry] = Field(default_factory=list)
     driver_pid: int | None = Field(default=None, description="The driver process that owns the job.")
     driver_host: str | None = None
     worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
     skipped_examples: list[str] = Field(default_factory=list, description="The first few skipped files.")
+    startup: dict[str, float] = Field(
+        default_factory=dict,
+        description="When each start-up step ended (Unix time): the driver's process, its checks, Ray, the "
+                    "workers, the chief's TensorFlow, data and model, the first epoch.",
+    )
 
     # The moves of the state table; each checks it is allowed.
 
@@ -168,10 +205,7 @@ class JobRecord(_JobFields):
 
     def status(self) -> JobStatus:
         """What `orchestra status --json` prints and `Client.status` returns."""
-        return JobStatus(
-            **self.model_dump(include=set(_JobFields.model_fields)),
-            metrics=self.history[-1] if self.history else {},
-        )
+        return JobStatus(**self.model_dump(include=set(_JobFields.model_fields)))
 
 
 def format_value(value: Any) -> str:

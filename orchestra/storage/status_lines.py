@@ -13,9 +13,10 @@ laptop: no shared storage, no Ray connection, only the job server.
 
 from __future__ import annotations
 
-from orchestra.storage.record import JobRecord, JobStatus
+from orchestra.storage.record import JobProgress, JobRecord, JobStatus
 
 PREFIX = "@orchestra-status "
+PROGRESS_PREFIX = "@orchestra-progress "
 
 
 def status_line(record: JobRecord) -> str:
@@ -26,14 +27,40 @@ def print_status_line(record: JobRecord) -> None:
     print(status_line(record), flush=True)
 
 
+def progress_line(progress: JobProgress) -> str:
+    """Where the running epoch is (about once a second): for clients that draw a progress bar."""
+    return PROGRESS_PREFIX + progress.model_dump_json()
+
+
 def is_status_line(line: str) -> bool:
-    return line.startswith(PREFIX)
+    """A line for clients (a status or a progress line), not for people."""
+    return line.startswith((PREFIX, PROGRESS_PREFIX))
+
+
+def parse_progress(line: str) -> JobProgress | None:
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        return JobProgress.model_validate_json(line[len(PROGRESS_PREFIX):])
+    except ValueError:
+        return None
+
+
+def latest_progress(log: str) -> JobProgress | None:
+    """The progress line after the last status line, if any: the running epoch's."""
+    for line in reversed(log.splitlines()):
+        if line.startswith(PREFIX):
+            return None
+        progress = parse_progress(line)
+        if progress is not None:
+            return progress
+    return None
 
 
 def parse_statuses(log: str) -> list[JobStatus]:
     """Every status line of a driver's log, oldest first."""
     return [JobStatus.model_validate_json(line[len(PREFIX):])
-            for line in log.splitlines() if is_status_line(line)]
+            for line in log.splitlines() if line.startswith(PREFIX)]
 
 
 def history_from(statuses: list[JobStatus]) -> list[dict[str, int | float]]:

@@ -1,0 +1,184 @@
+"""Watching jobs cheaply: the history file, the heartbeat file, progress
+and ETA, the remote status cache and retries, `list`'s table, and the root
+cause of a failed worker group. Fast: no Ray, no TensorFlow."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from orchestra.cli import job_table
+from orchestra.client.ray_jobs import StatusCache, _transient
+from orchestra.coordinator.channel import ChannelState
+from orchestra.coordinator.coordinator import estimate_progress
+from orchestra.coordinator.protocol import StepProgress
+from orchestra.driver.console import Console
+from orchestra.driver.run import _error_text
+from orchestra.errors import StorageError
+from orchestra.storage import heartbeat, status_lines
+from orchestra.storage.folders import Storage
+from orchestra.storage.record import JobRecord, JobState, JobStatus
+
+
+def finished(job_id: str, epochs: int = 3) -> JobStatus:
+    record = JobRecord(job_id=job_id, name="j", workers=2, spec={})
+    record.start()
+    record.epochs_completed = epochs
+    record.finish()
+    return record.status()
+
+
+def test_history_is_appended_a_line_an_epoch_and_a_cut_last_line_is_left_out(tmp_path):
+    storage = Storage(tmp_path)
+    storage.create_job_dir("j-1")
+    for epoch in (1, 2, 3):
+        storage.append_history("j-1", {"epoch": epoch, "loss": 1.0 / epoch})
+    path = tmp_path / "j-1" / "history.jsonl"
+    assert len(path.read_text().splitlines()) == 3
+    with open(path, "a") as handle:
+        handle.write('{"epoch": 4, "lo')  # a driver killed mid-append
+    assert [entry["epoch"] for entry in storage.read_history("j-1")] == [1, 2, 3]
+    storage.rewrite_history("j-1", storage.read_history("j-1")[:2])  # a restart from epoch 2's checkpoint
+    assert [entry["epoch"] for entry in storage.read_history("j-1")] == [1, 2]
+
+
+def test_the_record_file_holds_the_last_epoch_not_the_history(tmp_path):
+    storage = Storage(tmp_path)
+    storage.create_job_dir("j-1")
+    record = JobRecord(job_id="j-1", name="j", workers=1, spec={})
+    record.history = [{"epoch": e, "loss": 1.0} for e in range(1, 500)]
+    record.metrics = record.history[-1]
+    storage.write_record(record)
+    on_disk = json.loads((tmp_path / "j-1" / "job.json").read_text())
+    assert "history" not in on_disk and on_disk["metrics"]["epoch"] == 499
+
+
+def test_an_old_record_with_its_history_inside_still_reads(tmp_path):
+    storage = Storage(tmp_path)
+    storage.create_job_dir("old")
+    old = JobRecord(job_id="old", name="j", workers=1, spec={}).model_dump(mode="json")
+    old["history"] = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}]
+    (tmp_path / "old" / "job.json").write_text(json.dumps(old))
+    assert storage.read_record("old").metrics == {"epoch": 2, "loss": 0.4}
+    assert [h["epoch"] for h in storage.read_record("old", history=True).history] == [1, 2]
+
+
+def test_records_are_readable_by_teammates_sharing_the_storage(tmp_path):
+    storage = Storage(tmp_path)
+    storage.create_job_dir("j-1")
+    storage.write_record(JobRecord(job_id="j-1", name="j", workers=1, spec={}))
+    assert (tmp_path / "j-1" / "job.json").stat().st_mode & 0o044 == 0o044  # group and others read (umask 022)
+
+
+def test_the_heartbeat_beats_in_its_own_file_and_readers_take_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRA_HEARTBEAT_TIMEOUT", "30")
+    storage = Storage(tmp_path)
+    storage.create_job_dir("j-1")
+    record = JobRecord(job_id="j-1", name="j", workers=1, spec={})
+    heartbeat.claim(record)
+    record.start()
+    record.heartbeat_at = time.time() - 100  # the record's own stamp is old...
+    record.driver_host = "elsewhere"
+    storage.write_record(record)
+    assert heartbeat.checked(storage.read_record("j-1"), storage).state is JobState.FAILED
+    beat = {"pid": record.driver_pid, "host": "elsewhere", "at": time.time(), "beats": 7,
+            "progress": {"epoch": 2, "epochs": 5, "step": 10, "steps": 40, "samples_per_second": 100.0,
+                         "epoch_eta_seconds": 3.0, "job_eta_seconds": 12.0}}
+    (tmp_path / "j-1" / "heartbeat.json").write_text(json.dumps(beat))  # ...but the heartbeat file is fresh
+    assert heartbeat.checked(storage.read_record("j-1"), storage).state is JobState.RUNNING
+    assert heartbeat.read_progress(storage, record).step == 10
+    (tmp_path / "j-1" / "heartbeat.json").write_text(json.dumps({**beat, "pid": 1}))  # another driver's file
+    assert heartbeat.checked(storage.read_record("j-1"), storage).state is JobState.FAILED
+
+
+def test_progress_and_eta_come_from_the_pace_of_the_running_epoch_and_the_epochs_done():
+    step = StepProgress(epoch=3, step=30, steps=120, elapsed=6.0, samples=960, loss=0.25)
+    progress = estimate_progress(step, 10, [{"epoch": 1, "epoch_time": 20.0}, {"epoch": 2, "epoch_time": 22.0}])
+    assert progress.samples_per_second == pytest.approx(160.0)
+    assert progress.epoch_eta_seconds == pytest.approx(18.0)  # 24 s at this pace, 6 s gone
+    assert progress.job_eta_seconds == pytest.approx(18.0 + 7 * 21.0)
+    assert progress.bar(10).startswith("epoch 3/10 [##........] 30/120  160 samples/s  epoch ETA 0:18")
+
+
+def test_a_progress_bar_only_on_a_terminal_and_progress_lines_only_when_asked():
+    progress = estimate_progress(StepProgress(1, 5, 10, 1.0, 50), 2, [])
+    plain = io.StringIO()
+    Console(plain).progress(progress)
+    assert plain.getvalue() == ""  # a pipe or a file: the one line per epoch stays as it was
+    lines = io.StringIO()
+    Console(lines, progress_lines=True).progress(progress)
+    assert status_lines.parse_progress(lines.getvalue().strip()) == progress
+    assert status_lines.is_status_line(lines.getvalue())
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    console = Console(terminal)
+    console.progress(progress)
+    console.line("epoch 1/2  loss 0.5")
+    assert terminal.getvalue().startswith("\repoch 1/2 [") and "\r\x1b[Kepoch 1/2  loss 0.5\n" in terminal.getvalue()
+
+
+def test_an_unread_progress_is_replaced_not_queued():
+    state = ChannelState(world_size=1)
+    for step in (1, 2, 3):
+        state.progress(StepProgress(1, step, 10, float(step), step * 10))
+    (only,) = state.drain()
+    assert only.step == 3
+
+
+def test_a_finished_remote_job_is_cached_and_nothing_else_is(tmp_path):
+    cache = StatusCache("http://head:8265", root=tmp_path)
+    cache.put(finished("job-1"))
+    assert cache.get("job-1").state is JobState.SUCCEEDED
+    assert StatusCache("http://other:8265", root=tmp_path).get("job-1") is None  # per cluster
+    running = finished("job-2").model_copy(update={"state": JobState.RUNNING})
+    cache.put(running)
+    assert cache.get("job-2") is None
+    (cache.folder / "job-3.json").write_text("{not json")
+    assert cache.get("job-3") is None
+    with pytest.raises(StorageError, match="invalid job id"):
+        cache.get("../../etc/passwd")
+
+
+def test_only_passing_job_server_failures_are_retried():
+    from ray.exceptions import AuthenticationError
+
+    assert _transient(ConnectionResetError("reset by peer"))
+    assert _transient(RuntimeError("Request failed with status code 503: Service Unavailable"))
+    assert not _transient(RuntimeError("Job fake-1 does not exist"))
+    assert not _transient(RuntimeError("Request failed with status code 400: bad entrypoint"))
+    assert not _transient(AuthenticationError("Authentication failed"))
+
+
+def test_list_table_fits_the_terminal_and_shortens_only_the_job_ids():
+    statuses = [finished("a-very-long-job-name-20261129-170000-abcd"), finished("short")]
+    wide, narrow = job_table(statuses, 200).splitlines(), job_table(statuses, 50).splitlines()
+    assert wide[1].startswith("a-very-long-job-name-20261129-170000-abcd  SUCCEEDED")
+    assert all(len(line) <= 50 for line in narrow) and "…" in narrow[1] and narrow[2].startswith("short ")
+    assert [line.split()[1] for line in narrow[1:]] == ["SUCCEEDED", "SUCCEEDED"]
+
+
+class WorkerDied(Exception):
+    pass
+
+
+WorkerDied.__name__ = "WorkerHealthCheckFailedError"
+
+
+def test_the_worker_that_died_is_named_over_peers_whose_collectives_it_cut():
+    cut = RuntimeError("UnavailableError: Collective ops is aborted by: recvmsg: Connection reset by peer")
+    group = SimpleNamespace(worker_failures={0: cut, 1: WorkerDied("worker 1 health check failed")})
+    reason = _error_text(group)
+    assert reason.startswith("worker 1: WorkerHealthCheckFailedError: worker 1 health check failed")
+    assert "[then worker 0: RuntimeError: UnavailableError" in reason
+    own = SimpleNamespace(worker_failures={0: cut, 1: ValueError("bad label 12")})
+    assert _error_text(own).startswith("worker 1: ValueError: bad label 12")
+    both_own = SimpleNamespace(worker_failures={1: ValueError("b"), 0: ValueError("a")})
+    assert _error_text(both_own).startswith("worker 0: ValueError: a")
