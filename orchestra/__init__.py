@@ -2,6 +2,7 @@
 
 The package follows a job's flow, each layer importing only those below it:
 
+    errors, net   the root of orchestra's errors; which addresses are this machine's own
     spec          the JobSpec (Pydantic): what to train, checked before anything starts
     build/        spec → Keras model, arrays and image pipelines, performance defaults
     storage/      job folders, the record and its state machine, heartbeats, status lines

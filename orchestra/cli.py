@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _verb(verbs, "schema", cmd_schema, "print the job spec's JSON Schema (always JSON)")
     completion = _verb(verbs, "completion", cmd_completion,
-                       "print a shell completion script: orchestra completion bash > /etc/bash_completion.d/orchestra")
+                       "print a shell completion script, e.g. "
+                       "orchestra completion bash > ~/.local/share/bash-completion/completions/orchestra")
     completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
@@ -376,8 +377,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     from orchestra.errors import BoardError
+    from orchestra.net import is_loopback
     from orchestra.storage.folders import Storage, storage_root
-    from orchestra.tools.board import is_loopback, job_logdirs, serve
+    from orchestra.tools.board import job_logdirs, serve
 
     if not 0 < args.port < 65536:
         raise BoardError(f"--port must be between 1 and 65535, not {args.port}")

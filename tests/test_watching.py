@@ -182,3 +182,66 @@ def test_the_worker_that_died_is_named_over_peers_whose_collectives_it_cut():
     assert _error_text(own).startswith("worker 1: ValueError: bad label 12")
     both_own = SimpleNamespace(worker_failures={1: ValueError("b"), 0: ValueError("a")})
     assert _error_text(both_own).startswith("worker 0: ValueError: a")
+
+
+def test_a_token_travels_only_over_https_or_to_this_machine(tmp_path, monkeypatch):
+    from orchestra.client.ray_jobs import _token_headers
+    from orchestra.errors import ClusterError
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+    assert _token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer secret"}
+    assert _token_headers("http://127.0.0.1:8265") == {"authorization": "Bearer secret"}
+    with pytest.raises(ClusterError, match="refusing to send the cluster's token in clear text"):
+        _token_headers("http://cluster.invalid:8265")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("local-cluster-token")
+    assert _token_headers("http://localhost:8265") == {"authorization": "Bearer local-cluster-token"}
+    assert _token_headers("https://cluster.invalid:8265") == {}  # this machine's token is not another's
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / ".ray" / "auth_token"))  # named: the user's choice
+    assert _token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer local-cluster-token"}
+
+
+def test_cancel_signals_only_the_jobs_own_driver(tmp_path):
+    import subprocess
+    import sys
+
+    from orchestra.client.local import LocalJobs
+
+    jobs = LocalJobs(Storage(tmp_path))
+    jobs.drivers.mkdir()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (jobs.drivers / "job-1.pid").write_text(str(stranger.pid))  # a stale pid file, the pid reused
+        jobs.cancel("job-1")
+        time.sleep(0.3)
+        assert stranger.poll() is None  # left alone
+        (jobs.drivers / "job-1.pid").write_text("garbage")
+        with pytest.raises(StorageError, match="pid file of job 'job-1' is unreadable"):
+            jobs.cancel("job-1")
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_state_file_cannot_make_retention_delete_outside_the_job(tmp_path):
+    from orchestra.coordinator import Checkpoint
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (tmp_path / "job" / "checkpoints" / "epoch-0002").mkdir(parents=True)
+    ckpt = Checkpoint(lambda epoch: tmp_path / "job" / "checkpoints" / f"epoch-{epoch:04d}", keep=1)
+    ckpt.load_state_dict({"best": 0.1, "pending": [], "saved": [
+        {"epoch": 1, "path": str(outside), "value": 0.5},
+        {"epoch": 2, "path": "/elsewhere/epoch-0002", "value": 0.4},
+        {"epoch": "x", "path": 3},
+    ]})
+    assert ckpt.saved == [{"epoch": 2, "path": str(tmp_path / "job" / "checkpoints" / "epoch-0002"), "value": 0.4}]
+    from orchestra.coordinator.protocol import CheckpointRef
+
+    (tmp_path / "job" / "checkpoints" / "epoch-0003").mkdir()
+    ckpt.on_checkpoint_saved(CheckpointRef(3, str(tmp_path / "job" / "checkpoints" / "epoch-0003")))
+    assert outside.is_dir()

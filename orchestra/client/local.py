@@ -141,17 +141,35 @@ class LocalJobs:
             time.sleep(poll_seconds)
 
     def cancel(self, job_id: str) -> None:
-        """SIGTERM to the driver, which records STOPPED and ends its workers."""
+        """SIGTERM to the driver, which records STOPPED and ends its workers.
+        Only a process that is this job's driver is signalled: a stale pid
+        file naming another process (a reused pid) is left alone."""
         pid = self._pid(job_id)
         if pid is None:
             raise StorageError(f"job '{job_id}' was not started in the background: stop it with Ctrl-C "
                                "in the terminal that runs it")
-        if _alive(pid):
+        if _alive(pid) and _is_driver_of(pid, job_id):
             os.kill(pid, signal.SIGTERM)
 
     def _pid(self, job_id: str) -> int | None:
         path = self.drivers / f"{check_job_id(job_id)}.pid"
-        return int(path.read_text()) if path.is_file() else None
+        try:
+            pid = int(path.read_text().strip())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise StorageError(f"the driver pid file of job '{job_id}' is unreadable: {path}") from None
+        return pid if pid > 0 else None
+
+
+def _is_driver_of(pid: int, job_id: str) -> bool:
+    """Whether process `pid` on this host runs orchestra's driver for `job_id` (its command line says so)."""
+    try:
+        arguments = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    words = [word.decode(errors="replace") for word in arguments]
+    return "orchestra.driver" in words and (job_id in words or f"{job_id}.prepared.json" in " ".join(words))
 
 
 def _alive(pid: int) -> bool:

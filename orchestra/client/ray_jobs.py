@@ -32,9 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from orchestra.errors import ClusterError, SpecError, StorageError
 from orchestra.keras_compat import TENSORFLOW_ENV
+from orchestra.net import is_loopback, is_private_channel
 from orchestra.spec import JobSpec
 from orchestra.storage import status_lines
 from orchestra.storage.folders import atomic_write_text, check_job_id, new_job_id
@@ -75,7 +77,7 @@ class RayJobs:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         with _cluster_errors(self.address):
-            self._jobs = JobSubmissionClient(self.address, headers=_token_headers())
+            self._jobs = JobSubmissionClient(self.address, headers=_token_headers(self.address))
         self.cache = StatusCache(self.address)
 
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
@@ -305,17 +307,29 @@ def _update(last: JobStatus | None, info: Any, state: JobState, reason: str) -> 
     return last.model_copy(update={"state": state, "reason": reason, "ended_at": ended})
 
 
-def _token_headers() -> dict[str, str]:
+def _token_headers(address: str) -> dict[str, str]:
     """The cluster's token, from where Ray's own commands take it:
     RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
     ~/.ray/auth_token (none with RAY_AUTH_MODE=disabled). Sent as a header
-    of this client's requests only, leaving this process's Ray untouched."""
+    of this client's requests only, leaving this process's Ray untouched.
+
+    A token only travels where no one else reads it: over https, or over
+    http to this machine (a tunnel). ~/.ray/auth_token, which Ray also makes
+    for a local cluster, is sent only to this machine unless named
+    explicitly with RAY_AUTH_TOKEN_PATH. ClusterError otherwise."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named or Path.home() / ".ray" / "auth_token").expanduser()
     if not token and path.is_file():
+        if not named and not is_loopback(urlsplit(address).hostname or ""):
+            return {}  # the default file is this machine's cluster's token, not the remote one's
         token = path.read_text().strip()
+    if token and not is_private_channel(address):
+        raise ClusterError(f"refusing to send the cluster's token in clear text to {address}: use https://, or "
+                           "reach the job server through a tunnel to this machine (kubectl port-forward, ssh -L) "
+                           "and use http://127.0.0.1:PORT")
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
@@ -333,7 +347,7 @@ def _cluster_errors(address: str, job_id: str | None = None):
                 "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
         raise ClusterError(
             f"the Ray job server at {address} asks for a token and none was sent: set RAY_AUTH_TOKEN "
-            "or RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token") from None
+            "or RAY_AUTH_TOKEN_PATH (~/.ray/auth_token is sent only to a job server on this machine)") from None
     except ClusterError:
         raise
     except Exception as error:  # noqa: BLE001 - Ray's SDK raises RuntimeError, ConnectionError, requests errors

@@ -101,9 +101,23 @@ class Checkpoint(CoordinatorCallback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to a saved state. The state comes from a file in storage, so
+        it is data: a listed checkpoint counts only as this job's own folder
+        for its epoch (retention deletes what is listed, so nothing else may be)."""
         self.best = state["best"]
-        self.saved = [entry for entry in state["saved"] if Path(entry["path"]).is_dir()]
+        self.saved = [own for own in map(self._own, state["saved"]) if own is not None]
         self._pending = {epoch: value for epoch, value in state["pending"]}
+
+    def _own(self, entry: Any) -> dict[str, Any] | None:
+        """`entry` with its path as this job's checkpoint folder of its epoch, or None."""
+        try:
+            epoch, value = int(entry["epoch"]), entry.get("value")
+            folder = Path(self.directory_for_epoch(epoch))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if Path(str(entry["path"])).name != folder.name or folder.is_symlink() or not folder.is_dir():
+            return None
+        return {"epoch": epoch, "path": str(folder), "value": value if isinstance(value, (int, float)) else None}
 
     def record_fields(self) -> dict[str, Any]:
         best = self.best_entry

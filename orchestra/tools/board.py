@@ -6,7 +6,6 @@ text summaries), `<job>/train` and `<job>/validation`.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from pathlib import Path
 
@@ -18,15 +17,6 @@ DEFAULT_PORT = 6006
 
 
 WHOLE_STORAGE = "*"  # the key of a storage root served whole, new jobs included
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def port_is_free(host: str, port: int) -> bool:
