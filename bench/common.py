@@ -46,6 +46,8 @@ class Result:
     worker_peak_rss_mb: float = 0.0
     samples_per_epoch: int = 0
     final_val_loss: float | None = None
+    workers_rss_mb: float = 0.0  # the workers' resident memory summed, at its peak (orchestra)
+    workers_pss_mb: float = 0.0  # the same as PSS: a page shared by k processes counts 1/k in each
 
 
 def read_workload() -> Workload:
@@ -115,3 +117,39 @@ def scratch_dir() -> Path:
     path = Path(os.environ.get("BENCH_SCRATCH", "/tmp/orchestra-bench"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class WorkerMemory:
+    """Samples, in a thread, the summed memory of the processes `pids()` names;
+    keeps the peak of the sums (RSS and PSS)."""
+
+    def __init__(self, pids, interval: float = 0.5):
+        import threading
+
+        self.pids, self.interval = pids, interval
+        self.rss_mb = self.pss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.interval):
+            rss = pss = 0.0
+            for pid in list(self.pids()):
+                try:
+                    info = psutil.Process(pid).memory_full_info()
+                except (psutil.Error, OSError):
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            self.rss_mb = max(self.rss_mb, rss / 2**20)
+            self.pss_mb = max(self.pss_mb, pss / 2**20)

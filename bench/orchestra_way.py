@@ -4,7 +4,7 @@ stopping armed but not triggered, a checkpoint every epoch, TensorBoard."""
 import tempfile
 from pathlib import Path
 
-from bench.common import Result, emit, read_workload, scratch_dir
+from bench.common import Result, WorkerMemory, emit, read_workload, scratch_dir
 
 
 def spec_for(work) -> dict:
@@ -34,7 +34,9 @@ def main() -> None:
     storage = tempfile.mkdtemp(dir=scratch_dir())
     prepared = preflight(JobSpec.model_validate(spec_for(work)), storage=storage,
                          datasets=str(Path(work.mnist).parent))
-    record = run_job(prepared, create_job(prepared))
+    record = create_job(prepared)
+    with WorkerMemory(lambda: record.worker_pids.values()) as memory:
+        run_job(prepared, record)
     assert record.state.value == "SUCCEEDED", record.reason
     history = record.history
     emit(Result(
@@ -44,6 +46,7 @@ def main() -> None:
         worker_peak_rss_mb=max(h["worker_peak_rss_mb"] for h in history),
         samples_per_epoch=work.train - work.train % work.batch_size,
         final_val_loss=history[-1]["val_loss"],
+        workers_rss_mb=memory.rss_mb, workers_pss_mb=memory.pss_mb,
     ))
 
 

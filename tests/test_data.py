@@ -85,3 +85,22 @@ def test_evaluation_shares_cover_every_example_once():
             assert len(shares) == steps and all(len(xb) > 0 for xb, _ in shares)
             seen += [v for xb, _ in shares for v in xb.numpy().ravel().tolist()]
         assert sorted(seen) == list(range(n))
+
+
+def test_arrays_are_captured_by_the_pipeline_not_copied_into_its_graph():
+    """Issue 17: made inside the function tf.data traces, `tf.constant` of the
+    whole array was a constant of the graph, copied again at every iterator
+    (seconds an epoch, GBs). The traced function must capture the array."""
+    import tensorflow as tf
+
+    x = np.zeros((4096, 64), np.float32)  # 1 MB
+    examples = data.ArrayExamples(x, np.zeros(len(x), np.int64))
+
+    @tf.function
+    def fetch(indices):
+        return examples.fetch(indices, tf.constant(0, tf.int64))
+
+    graph = fetch.get_concrete_function(tf.TensorSpec([None], tf.int64)).graph.as_graph_def()
+    assert graph.ByteSize() < 100_000
+    batch, _ = fetch(tf.constant([3, 1], tf.int64))
+    assert batch.shape == (2, 64)

@@ -13,14 +13,17 @@ from orchestra.coordinator.protocol import (
     Decision,
     FinalResult,
     StartReply,
+    StepProgress,
     WorkerReport,
 )
 from orchestra.worker.histograms import WeightHistograms
-from orchestra.worker.saving import collective_save
+from orchestra.worker.saving import CheckpointWriter
 
 
 class RayChannel:
-    """The channel actor seen from a worker: plain blocking calls."""
+    """The channel actor seen from a worker: plain blocking calls, from any thread."""
+
+    thread_safe = True
 
     def __init__(self, handle):
         self.handle = handle
@@ -36,6 +39,9 @@ class RayChannel:
 
     def finished(self, result: FinalResult) -> None:
         _get(self.handle.finished.remote(result))
+
+    def progress(self, progress: StepProgress) -> None:
+        self.handle.progress.remote(progress)  # fire-and-forget: training never waits on it
 
 
 def _get(ref):
@@ -54,9 +60,16 @@ def worker_group() -> str:
 
 
 def channel_callback(channel, attempt: int, rank: int, best_weights: list | None, samples_per_epoch: int,
-                     log_batches: bool, histograms: WeightHistograms | None = None):
+                     log_batches: bool, histograms: WeightHistograms | None = None,
+                     startup: dict[str, float] | None = None):
     """The Keras callback that reports each epoch to the driver and carries
-    out its decision (stop, snapshot the best weights, checkpoint)."""
+    out its decision (stop, snapshot the best weights, checkpoint).
+
+    Checkpoints are written in the background (`CheckpointWriter`): the
+    previous one is awaited at the next epoch end, before the report (so the
+    driver hears of it first, and a failed write fails the job there), and
+    the last one at the end of training, before the final model is saved.
+    Call `drain` after `fit` too: `fit` skips `on_train_end` when it raises."""
     from orchestra.keras_compat import keras
 
     class ChannelCallback(keras().callbacks.Callback):
@@ -64,6 +77,9 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
             super().__init__()
             self.best_weights = best_weights
             self.superseded = False  # a newer attempt of the worker group took over
+            self.reported = False  # the first report carries the start-up marks
+            self.checkpoints = CheckpointWriter(rank, channel.checkpoint_saved,
+                                                notify_in_background=getattr(channel, "thread_safe", False))
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
@@ -74,6 +90,7 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
                 self.batch_losses.append(float(logs["loss"]))
 
         def on_epoch_end(self, epoch, logs=None):
+            self.checkpoints.wait()
             logs = {key: float(value) for key, value in (logs or {}).items()}
             learning_rate = getattr(self.model.optimizer, "learning_rate", None)
             if learning_rate is not None and not callable(learning_rate):
@@ -83,7 +100,9 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
                 epoch_time=time.perf_counter() - self.started,
                 samples=samples_per_epoch, batch_losses=self.batch_losses,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                startup=None if self.reported else startup,
             )
+            self.reported = True
             self.obey(channel.report(attempt, report))
             if histograms is not None:
                 histograms.write(self.model, epoch + 1)
@@ -94,15 +113,18 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
             order = decision.checkpoint
             if order is not None:
                 final = Path(order.directory)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                collective_save(self.model, final, rank, order.weights_only, order.state, self.best_weights)
-                if rank == 0:
-                    channel.checkpoint_saved(CheckpointRef(order.state["epoch"], str(final)))
+                self.checkpoints.save(self.model, final, order.weights_only, order.state, self.best_weights,
+                                      CheckpointRef(order.state["epoch"], str(final)))
             if decision.stop:
                 self.model.stop_training = True
                 self.superseded = decision.superseded
 
+        def drain(self, raise_errors: bool = True) -> None:
+            """Wait until the last checkpoint is published; raise its failure."""
+            self.checkpoints.close(raise_errors)
+
         def on_train_end(self, logs=None):
+            self.drain()
             if self.best_weights is not None and not self.superseded:
                 self.model.set_weights(self.best_weights)
 

@@ -9,6 +9,7 @@ driver's decision at the end of every epoch.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from orchestra.storage.folders import model_file
 from orchestra.worker.bridge import RayChannel, channel_callback, worker_group
 from orchestra.worker.histograms import WeightHistograms
 from orchestra.worker.pipelines import JobExamples, Pipelines, job_examples
+from orchestra.worker.progress import progress_callback
 from orchestra.worker.saving import collective_save, load_best_weights
 
 
@@ -58,29 +60,38 @@ def train(config: WorkerConfig, rank: int, world_size: int, strategy, channel) -
     MultiWorkerMirroredStrategy on a Ray worker, or under TensorFlow's
     default strategy for the in-process reference run (rank 0 of 1)."""
     spec = config.spec
+    startup = {"tensorflow": time.time()}  # the strategy exists: TensorFlow is set up
     start = channel.start(rank, os.getpid(), worker_group())
     examples = job_examples(config)
+    startup["data"] = time.time()
     pipelines = Pipelines(config, examples, rank, world_size, strategy)
     model = _build(spec, examples, pipelines, strategy)
     initial_epoch, best_weights = _restore(model, start, strategy)
     validation, validation_steps = pipelines.validation()
+    startup["model"] = time.time()
     bridge = channel_callback(
         channel, start.attempt, rank, best_weights,
         samples_per_epoch=pipelines.steps * pipelines.per_worker_batch,
         log_batches=bool(spec.callbacks.tensorboard and spec.callbacks.tensorboard.update_freq == "batch"),
         histograms=_histograms(spec, config, rank),
+        startup=startup,
     )
-    model.fit(
-        pipelines.training(initial_epoch),
-        epochs=spec.fit.epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=pipelines.steps,
-        validation_data=validation,
-        validation_freq=spec.fit.validation_freq,
-        validation_steps=validation_steps,
-        callbacks=[bridge],
-        verbose=spec.fit.verbose,
-    )
+    try:
+        model.fit(
+            pipelines.training(initial_epoch),
+            epochs=spec.fit.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=pipelines.steps,
+            validation_data=validation,
+            validation_freq=spec.fit.validation_freq,
+            validation_steps=validation_steps,
+            callbacks=[bridge, *_progress(channel, rank, pipelines)],
+            verbose=spec.fit.verbose,
+        )
+    except BaseException:
+        bridge.drain(raise_errors=False)  # the checkpoint being written is published before the job ends
+        raise
+    bridge.drain()  # a no-op after on_train_end; kept so no path skips it
     if not bridge.superseded:
         _finish(model, config, examples, pipelines, rank, channel)
 
@@ -103,6 +114,13 @@ def _restore(model, start: StartReply, strategy) -> tuple[int, list | None]:
         model.optimizer.build(model.trainable_variables)
     model.load_weights(str(model_file(folder)))
     return start.checkpoint.epoch, load_best_weights(folder)
+
+
+def _progress(channel, rank: int, pipelines: Pipelines) -> list:
+    """The chief reports where the epoch is (for progress bars); the others need not."""
+    if rank != 0:
+        return []
+    return [progress_callback(channel, pipelines.steps, pipelines.global_batch)]
 
 
 def _histograms(spec: JobSpec, config: WorkerConfig, rank: int) -> WeightHistograms | None:
