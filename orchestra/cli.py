@@ -20,7 +20,7 @@ from typing import Callable
 
 from orchestra.client.ray_jobs import submission_address
 from orchestra.driver.console import Console
-from orchestra.errors import ClusterError, OrchestraError, SpecError
+from orchestra.errors import ClusterError, OrchestraError, SpecError, StorageError
 from orchestra.spec import json_schema, load_spec
 from orchestra.storage import status_lines
 from orchestra.storage.record import JobState, JobStatus, format_value
@@ -262,25 +262,27 @@ def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
     return _print_final(status, args.json)
 
 
-def _follow(client, job_id: str, console: Console) -> JobStatus:
+def _follow(client, job_id: str, console: Console, bar_only: bool = False) -> JobStatus:
     """Show the driver's output as it comes until the job has ended: its
-    lines, and its progress as a bar on a terminal (never its status
-    lines); return the final status."""
+    lines (unless `bar_only`), and its progress as a bar on a terminal
+    (never its status lines); return the final status."""
     pending = ""
-    for chunk in client.follow(job_id):
-        *lines, pending = (pending + chunk).split("\n")
-        for line in lines:
-            _show(line, console)
-    _show(pending, console)
-    console.close()
+    try:
+        for chunk in client.follow(job_id):
+            *lines, pending = (pending + chunk).split("\n")
+            for line in lines:
+                _show(line, console, bar_only)
+        _show(pending, console, bar_only)
+    finally:
+        console.close()
     return client.status(job_id)
 
 
-def _show(line: str, console: Console) -> None:
+def _show(line: str, console: Console, bar_only: bool = False) -> None:
     progress = status_lines.parse_progress(line)
     if progress is not None:
         console.progress(progress)
-    elif line and not status_lines.is_status_line(line):
+    elif line and not bar_only and not status_lines.is_status_line(line):
         console.line(line)
 
 
@@ -359,19 +361,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     client = _client(args)
-    if args.progress and sys.stdout.isatty() and args.timeout is None:
-        console = Console(sys.stdout)
-        for chunk in client.follow(args.job_id):
-            for line in chunk.splitlines():
-                progress = status_lines.parse_progress(line)
-                if progress is not None:
-                    console.progress(progress)
-        console.close()
     try:
+        if args.progress and sys.stdout.isatty() and args.timeout is None:
+            try:
+                return _print_final(_follow(client, args.job_id, Console(sys.stdout), bar_only=True), args.json)
+            except StorageError:
+                pass  # a job trained in another terminal keeps no log here: wait without the bar
         status = client.wait(args.job_id, args.timeout)
     except TimeoutError as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return _print_final(status, args.json)
 
 

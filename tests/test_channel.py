@@ -89,8 +89,8 @@ def test_a_new_group_is_a_new_attempt_that_restarts_from_the_latest_saved_checkp
         state.report(0, report(0, epoch))
         state.report(0, report(1, epoch))
     older, latest = CheckpointRef(1, "/c/epoch-0001"), CheckpointRef(2, "/c/epoch-0002")
-    state.checkpoint_saved(older)
-    state.checkpoint_saved(latest)
+    state.checkpoint_saved(0, older)
+    state.checkpoint_saved(0, latest)
     state.report(0, report(0, 3))  # epoch 3 of the old group never completes
     state.drain()
 
@@ -130,7 +130,7 @@ def test_a_report_from_a_replaced_attempt_is_told_to_stop_as_superseded():
 def test_checkpoint_saved_and_finished_are_events_in_order():
     state = started_group(world_size=1)
     ref = CheckpointRef(1, "/c/epoch-0001")
-    state.checkpoint_saved(ref)
+    state.checkpoint_saved(0, ref)
     state.finished(FinalResult({"accuracy": 0.9}, "/m"))
     assert state.drain() == [CheckpointSaved(ref), Finished(FinalResult({"accuracy": 0.9}, "/m"))]
 
@@ -174,7 +174,7 @@ def test_local_channel_round_trip_through_a_coordinator(coordinator):
     assert first.checkpoint.state["epoch"] == 1
     checkpoint_folder = storage.checkpoint_dir("job-1", 1)
     checkpoint_folder.mkdir(parents=True)
-    channel.checkpoint_saved(CheckpointRef(1, str(checkpoint_folder)))
+    channel.checkpoint_saved(0, CheckpointRef(1, str(checkpoint_folder)))
     assert storage.read_record("job-1").best_checkpoint == str(checkpoint_folder)
 
     assert channel.report(0, report(0, 2, loss=0.6)).stop is True  # patience 1, no improvement
@@ -185,3 +185,14 @@ def test_local_channel_round_trip_through_a_coordinator(coordinator):
     assert (written.stopped_epoch, written.best_epoch) == (2, 1)
     assert written.test_metrics == {"loss": 0.55}
     assert written.model_path == str(storage.model_dir("job-1"))
+
+
+def test_a_replaced_attempts_late_checkpoint_is_not_the_jobs():
+    state = started_group(world_size=2)
+    state.checkpoint_saved(0, CheckpointRef(2, "/c/epoch-0002"))
+    state.start(0, 300, "group-b")  # Ray Train replaced the group
+    state.drain()
+    state.checkpoint_saved(0, CheckpointRef(3, "/c/epoch-0003"))  # the old chief's write, published late
+    assert state.drain() == [] and state.latest_checkpoint == CheckpointRef(2, "/c/epoch-0002")
+    state.checkpoint_saved(1, CheckpointRef(3, "/c/epoch-0003"))
+    assert state.drain() == [CheckpointSaved(CheckpointRef(3, "/c/epoch-0003"))]

@@ -245,3 +245,25 @@ def test_a_state_file_cannot_make_retention_delete_outside_the_job(tmp_path):
     (tmp_path / "job" / "checkpoints" / "epoch-0003").mkdir()
     ckpt.on_checkpoint_saved(CheckpointRef(3, str(tmp_path / "job" / "checkpoints" / "epoch-0003")))
     assert outside.is_dir()
+
+
+def test_unreadable_records_and_driver_inputs_are_one_line_errors(tmp_path, capsys):
+    from orchestra import cli
+    from orchestra.driver.main import main as driver_main
+
+    storage = Storage(tmp_path / "storage")
+    storage.create_job_dir("j-1")
+    (tmp_path / "storage" / "j-1" / "job.json").write_text("{corrupt")
+    with pytest.raises(StorageError, match="the record of job 'j-1' .* is unreadable"):
+        storage.read_record("j-1")
+    with pytest.raises(StorageError, match="job 'j-1' already exists"):
+        storage.create_job_dir("j-1")
+    assert cli.main(["status", "j-1", "--storage", str(tmp_path / "storage")]) == 2
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    assert cli.main(["status", "j-1", "--storage", str(not_a_folder)]) == 2
+    assert driver_main(["run", "--prepared", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "garbage.json").write_text("[1, 2]")
+    assert driver_main(["run", "--prepared", str(tmp_path / "garbage.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--prepared: cannot read" in err and "--prepared: not what" in err

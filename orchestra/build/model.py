@@ -12,8 +12,8 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from orchestra.keras_compat import keras
 from orchestra.errors import FieldError
+from orchestra.keras_compat import keras
 from orchestra.spec import BackboneSpec, JobSpec, OptimizerSpec
 
 # Strings `compile` accepts as metrics without a registry entry.

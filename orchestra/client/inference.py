@@ -48,11 +48,15 @@ def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
     if directory is None:
         raise JobStateError(f"job {record.job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
     path = model_file(directory)
-    if path.name.endswith(".keras"):
-        return keras().models.load_model(str(path))
-    spec = JobSpec.model_validate(record.spec)
-    model = build_model(spec, tuple(record.input_shape))
-    model.load_weights(str(path))
+    if not path.is_file():
+        raise JobStateError(f"job {record.job_id}: its {checkpoint or 'final'} model is gone ({path} is missing)")
+    try:
+        if path.name.endswith(".keras"):
+            return keras().models.load_model(str(path))
+        model = build_model(JobSpec.model_validate(record.spec), tuple(record.input_shape))
+        model.load_weights(str(path))
+    except OSError as exc:
+        raise JobStateError(f"job {record.job_id}: cannot read {path}: {exc}") from None
     return model
 
 

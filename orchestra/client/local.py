@@ -11,6 +11,7 @@ the job record in the storage is the status.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from orchestra.storage.folders import Storage, check_job_id, new_job_id, storage
 from orchestra.storage.record import JobState, JobStatus
 
 DRIVERS_DIR = ".drivers"
+DRIVER_EXIT_SECONDS = 10.0  # how long a follower waits for a finished job's driver to print its last lines
 
 _children: dict[int, subprocess.Popen] = {}  # reaped on status, so none lingers as a zombie
 
@@ -123,15 +125,28 @@ class LocalJobs:
         ended: only the bytes added since the last look are read."""
         self.logs(job_id)  # StorageError for a job with no driver log
         path = self.drivers / f"{check_job_id(job_id)}.log"
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        ended_at = None
         with open(path, "rb") as log:
             while True:
-                ended = self.status(job_id).state.is_terminal  # before reading: the last bytes come after
-                chunk = log.read()
-                if chunk:
-                    yield chunk.decode(errors="replace")
-                if ended:
+                # Checked before reading, so the bytes written before the end are read after it.
+                done = self._driver_done(job_id, ended_at)
+                if ended_at is None and self.status(job_id).state.is_terminal:
+                    ended_at = time.monotonic()
+                text = decode(log.read(), final=done)
+                if text:
+                    yield text
+                if done:
                     return
                 time.sleep(poll_seconds)
+
+    def _driver_done(self, job_id: str, ended_at: float | None) -> bool:
+        """The job has ended and its driver has written its last words (exited,
+        or had `DRIVER_EXIT_SECONDS` to do so)."""
+        if ended_at is None:
+            return False
+        pid = self._pid(job_id)
+        return pid is None or not _alive(pid) or time.monotonic() - ended_at > DRIVER_EXIT_SECONDS
 
     def wait_until_ended(self, job_id: str, deadline: float | None, poll_seconds: float) -> None:
         """Return once the job has ended (TimeoutError past the monotonic `deadline`)."""

@@ -100,7 +100,11 @@ class ChannelState:
         self.decisions[(attempt, epoch)] = decision
         self.decisions.pop((attempt, epoch - 2), None)  # every worker has read it by now
 
-    def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+    def checkpoint_saved(self, attempt: int, checkpoint: CheckpointRef) -> None:
+        """A checkpoint was published; one of a replaced attempt's chief (still
+        finishing its last write) is not the job's, and is ignored."""
+        if attempt != self.attempt:
+            return
         self.latest_checkpoint = checkpoint
         self.events.append(CheckpointSaved(checkpoint))
 
@@ -152,8 +156,8 @@ class Channel:
         self.state.decide(attempt, epoch, decision)
         await self._notify()
 
-    async def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
-        self.state.checkpoint_saved(checkpoint)
+    async def checkpoint_saved(self, attempt: int, checkpoint: CheckpointRef) -> None:
+        self.state.checkpoint_saved(attempt, checkpoint)
         await self._notify()
 
     async def finished(self, result: FinalResult) -> None:
@@ -189,7 +193,7 @@ class LocalChannel:
     def report(self, attempt: int, report: WorkerReport) -> Decision:
         return self.coordinator.on_epoch((report,))
 
-    def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
+    def checkpoint_saved(self, attempt: int, checkpoint: CheckpointRef) -> None:
         self.coordinator.on_checkpoint_saved(checkpoint)
 
     def finished(self, result: FinalResult) -> None:

@@ -9,7 +9,7 @@ attempt of a worker group:
         ◄── StartReply(attempt, checkpoint)
     report(WorkerReport) ─────► EpochReports (all ranks) ───► on_epoch
         ◄── Decision ◄───────────────────────────────────────── decide
-    checkpoint_saved(ref) ────► CheckpointSaved ────────────► on_checkpoint_saved
+    checkpoint_saved(attempt, ref) ► CheckpointSaved ──────────► on_checkpoint_saved
     progress(StepProgress) ───► StepProgress (rank 0, ~1/s) ─► on_progress
     finished(FinalResult) ────► Finished ───────────────────► on_finished
     (a new group starts)   ──► Restarted(attempt, checkpoint) ► on_restart

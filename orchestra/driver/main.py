@@ -83,6 +83,15 @@ def drive(prepared: Prepared, record: JobRecord, resume_from: CheckpointRef | No
         console.close()
 
 
+def _read_prepared(path: str) -> Prepared:
+    try:
+        return Prepared.from_json(Path(path).read_text())
+    except OSError as exc:
+        raise SpecError([("--prepared", f"cannot read {path}: {exc.strerror or exc}")], path) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError([("--prepared", f"not what a client's checks write: {str(exc)[:200]}")], path) from None
+
+
 def exit_code(record: JobRecord) -> int:
     return EXIT_OK if record.state is JobState.SUCCEEDED else EXIT_JOB_FAILED
 
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "run":
             if args.prepared:
-                prepared = Prepared.from_json(Path(args.prepared).read_text())
+                prepared = _read_prepared(args.prepared)
             else:
                 prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage,
                                        datasets=args.datasets, in_process=args.in_process)

@@ -13,8 +13,10 @@ without any checkpoint starts again from its first epoch.
 from __future__ import annotations
 
 import re
+import time
 
 from orchestra.coordinator.protocol import CheckpointRef
+from orchestra.driver.run import process_started_at
 from orchestra.errors import JobStateError
 from orchestra.storage import heartbeat
 from orchestra.storage.folders import CHECKPOINT_STATE_FILE, Storage
@@ -63,6 +65,7 @@ def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, CheckpointRef | No
     record = check_resumable(storage, job_id)
     checkpoint = latest_checkpoint(storage, job_id)
     record.reopen(checkpoint.epoch if checkpoint else 0)
+    record.startup = {"process": process_started_at(), "checked": time.time()}
     heartbeat.claim(record)
     storage.write_record(record)
     return record, checkpoint

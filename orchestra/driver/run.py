@@ -235,8 +235,9 @@ def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
     import ray
 
     while True:
+        training = thread.is_alive()  # before the read: an event sent as training ends is still read
         events = ray.get(channel.next_events.remote(POLL_SECONDS))
-        if not events and not thread.is_alive():
+        if not events and not training:
             return
         for event in events:
             decision = coordinator.handle(event)

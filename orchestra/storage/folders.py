@@ -130,7 +130,7 @@ class Storage:
         self.root = root
         # Called with every record written (a Ray job's driver prints it for the client).
         self.on_write: Callable[[JobRecord], None] | None = None
-        # The driver's heartbeat writes the record from a thread of its own.
+        # Writes from more than one thread (a driver's callbacks and its signal handling) land in order.
         self._write_lock = threading.Lock()
 
     def check_writable(self) -> None:
@@ -149,7 +149,12 @@ class Storage:
 
     def create_job_dir(self, job_id: str) -> Path:
         path = self.job_dir(job_id)
-        path.mkdir(parents=True, exist_ok=False)
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise StorageError(f"job '{job_id}' already exists in {self.root}") from None
+        except OSError as exc:
+            raise StorageWriteError.of(path, exc) from exc
         return path
 
     def checkpoint_dir(self, job_id: str, epoch: int) -> Path:
@@ -177,6 +182,11 @@ class Storage:
             record = JobRecord.model_validate_json(path.read_text())
         except FileNotFoundError:
             raise StorageError(f"no job '{job_id}' in {self.root}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read the record of job '{job_id}': {exc.strerror or exc}") from None
+        except ValueError as exc:  # not JSON, or not a record: storage is input like any other
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise StorageError(f"the record of job '{job_id}' ({path}) is unreadable: {first}") from None
         if record.history and not record.metrics:  # a record from before history.jsonl held its history
             record.metrics = record.history[-1]
         if history:
@@ -209,6 +219,8 @@ class Storage:
             text = path.read_text()
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StorageError(f"cannot read the history of job '{job_id}': {exc.strerror or exc}") from None
         entries = []
         for line in text.splitlines():
             try:

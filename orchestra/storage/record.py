@@ -195,6 +195,7 @@ class JobRecord(_JobFields):
         self.test_metrics = None
         self.model_path = None
         self.worker_pids = {}
+        self.startup = {}  # the resumed run's start-up is measured afresh
 
     def _move(self, new: JobState, reason: str | None) -> None:
         if new not in ALLOWED_TRANSITIONS[self.state]:

@@ -59,8 +59,14 @@ def latest_progress(log: str) -> JobProgress | None:
 
 def parse_statuses(log: str) -> list[JobStatus]:
     """Every status line of a driver's log, oldest first."""
-    return [JobStatus.model_validate_json(line[len(PREFIX):])
-            for line in log.splitlines() if line.startswith(PREFIX)]
+    statuses = []
+    for line in log.splitlines():
+        if line.startswith(PREFIX):
+            try:
+                statuses.append(JobStatus.model_validate_json(line[len(PREFIX):]))
+            except ValueError:
+                continue  # a line another process's output cut into: the next one says as much
+    return statuses
 
 
 def history_from(statuses: list[JobStatus]) -> list[dict[str, int | float]]:

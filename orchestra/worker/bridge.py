@@ -34,8 +34,8 @@ class RayChannel:
     def report(self, attempt: int, report: WorkerReport) -> Decision:
         return _get(self.handle.report.remote(attempt, report))
 
-    def checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
-        _get(self.handle.checkpoint_saved.remote(checkpoint))
+    def checkpoint_saved(self, attempt: int, checkpoint: CheckpointRef) -> None:
+        _get(self.handle.checkpoint_saved.remote(attempt, checkpoint))
 
     def finished(self, result: FinalResult) -> None:
         _get(self.handle.finished.remote(result))
@@ -78,7 +78,7 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
             self.best_weights = best_weights
             self.superseded = False  # a newer attempt of the worker group took over
             self.reported = False  # the first report carries the start-up marks
-            self.checkpoints = CheckpointWriter(rank, channel.checkpoint_saved,
+            self.checkpoints = CheckpointWriter(rank, lambda ref: channel.checkpoint_saved(attempt, ref),
                                                 notify_in_background=getattr(channel, "thread_safe", False))
 
         def on_epoch_begin(self, epoch, logs=None):

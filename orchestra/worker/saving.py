@@ -156,10 +156,14 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Block until the checkpoint being written (if any) is published; raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if self._pending is None:
             return
-        ref = pending.result()
+        try:
+            ref = self._pending.result()  # a Ctrl-C here leaves it pending: the next wait still reports it
+        except Exception:
+            self._pending = None
+            raise
+        self._pending = None
         if not self.notify_in_background:
             self.published(ref)
 
