@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(by, args.workers)
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = [f"Measured at commit {measured_at()} on {when}: seed 000's MLP on MNIST, {base.train} train / "
+    report = [f"Measured at commit {measured_at()} on {when}: the Fashion-MNIST MLP (Dense(100) → Dense(10)) on MNIST, {base.train} train / "
               f"{base.validation} validation, global batch {base.batch_size}, {base.epochs} epochs, "
               f"{os.cpu_count()} cores; each way run {repeat}× interleaved, figures as median [min–max] over "
               f"the runs, ratios from the medians (`python -m bench{' --quick' if args.quick else ''} "

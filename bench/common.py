@@ -55,7 +55,7 @@ def read_workload() -> Workload:
 
 
 def load_arrays(work: Workload):
-    """80/20 split of the training arrays, as seed 000 makes it."""
+    """80/20 split of the training arrays, as the Fashion-MNIST tutorial makes it."""
     import numpy as np
 
     with np.load(work.mnist) as npz:
