@@ -155,10 +155,7 @@ class RayJobs:
                         seen = received
                 return
             except Exception as error:  # noqa: BLE001 - Ray's SDK raises RuntimeError and aiohttp errors
-                if attempt == RETRIES or not _transient(error):
-                    with _cluster_errors(self.address, job_id):
-                        raise
-                time.sleep(_backoff(attempt))
+                self._back_off_or_raise(error, attempt, job_id)
 
     def wait_until_ended(self, job_id: str, deadline: float | None, poll_seconds: float) -> None:
         """Return once Ray says the job's driver has ended (TimeoutError past
@@ -186,11 +183,16 @@ class RayJobs:
             try:
                 return method(*args)
             except Exception as error:  # noqa: BLE001 - Ray's SDK raises RuntimeError, ConnectionError, requests errors
-                if attempt == RETRIES or not _transient(error):
-                    with _cluster_errors(self.address, job_id):
-                        raise
-                time.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
+                self._back_off_or_raise(error, attempt, job_id)
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _back_off_or_raise(self, error: Exception, attempt: int, job_id: str | None) -> None:
+        """Wait before trying a passing failure again; raise the last one, or
+        any other, as a ClusterError."""
+        if attempt == RETRIES or not _transient(error):
+            with _cluster_errors(self.address, job_id):
+                raise error
+        time.sleep(_backoff(attempt))
 
 
 RETRIES = 4

@@ -17,7 +17,7 @@ from orchestra.coordinator.protocol import (
     WorkerReport,
 )
 from orchestra.worker.histograms import WeightHistograms
-from orchestra.worker.saving import CheckpointWriter
+from orchestra.worker.saving import CheckpointWriter, learning_rate_of
 
 
 class RayChannel:
@@ -92,9 +92,9 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
         def on_epoch_end(self, epoch, logs=None):
             self.checkpoints.wait()
             logs = {key: float(value) for key, value in (logs or {}).items()}
-            learning_rate = getattr(self.model.optimizer, "learning_rate", None)
-            if learning_rate is not None and not callable(learning_rate):
-                logs["learning_rate"] = float(learning_rate.numpy())
+            learning_rate = learning_rate_of(self.model.optimizer)
+            if learning_rate is not None:
+                logs["learning_rate"] = learning_rate
             report = WorkerReport(
                 rank=rank, epoch=epoch + 1, logs=logs,
                 epoch_time=time.perf_counter() - self.started,

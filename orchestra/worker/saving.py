@@ -106,12 +106,15 @@ def snapshot(model) -> Snapshot:
 
     optimizer = getattr(model, "optimizer", None)
     values = keras().backend.batch_get_value(_optimizer_variables(optimizer)) if optimizer is not None else []
+    return Snapshot(model.get_weights(), list(values), learning_rate_of(optimizer))
+
+
+def learning_rate_of(optimizer) -> float | None:
+    """The optimizer's learning rate now, or None for a schedule (a callable) or no optimizer."""
     learning_rate = getattr(optimizer, "learning_rate", None)
-    if learning_rate is not None and not callable(learning_rate) and hasattr(learning_rate, "numpy"):
-        learning_rate = float(learning_rate.numpy())
-    else:
-        learning_rate = None
-    return Snapshot(model.get_weights(), list(values), learning_rate)
+    if learning_rate is None or callable(learning_rate) or not hasattr(learning_rate, "numpy"):
+        return None
+    return float(learning_rate.numpy())
 
 
 class CheckpointWriter:
