@@ -48,6 +48,14 @@ def test_dataset_directory_comes_before_keras(tmp_path, tiny_npz):
         data.resolve_source("nosuch", tmp_path)
 
 
+def test_prepared_examples_can_be_handed_to_tensorflow_as_they_are(tiny_npz):
+    """Aligned, C-contiguous and writable: `host_tensor` wraps them without a copy."""
+    arrays = prepare(tiny_npz, validation_size=20, rescale=1 / 255, reshape=[16])
+    for x in (arrays.x_train, arrays.x_val, arrays.x_test):
+        assert x.ctypes.data % data.ALIGNMENT == 0 and x.flags.c_contiguous and x.flags.writeable
+    assert arrays.x_train.dtype == np.float32 and arrays.x_train.shape == (83, 16)
+
+
 def test_real_mnist_layout(mnist_dir):
     arrays = prepare(mnist_dir / "mnist.npz", train_size=700, validation_size=300, flatten=True, rescale=1 / 255)
     assert arrays.x_train.shape == (700, 784) and arrays.x_test.shape == (10000, 784)

@@ -6,18 +6,25 @@ takes its share of every global batch: the order of an epoch is one seeded
 permutation of the whole training set, cut into global batches, and worker
 `rank` of `N` takes slice `rank` of each. So global batch k holds the same
 examples whatever the worker count.
+
+The arrays enter TensorFlow without a copy: prepared into memory aligned
+as TensorFlow's kernels need it (`aligned_empty`) or memory-mapped from
+one copy per node (`node_cache`), they are wrapped as tensors in place
+(`host_tensor`), and their pipelines skip tf.data's graph rewrites, which
+would copy every tensor a pipeline captures.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from orchestra.errors import FieldError
-from orchestra.spec import DataSpec
+from orchestra.spec import MAX_CLASSES, DataSpec
 
 DATASETS_ENV = "ORCHESTRA_DATASETS"
 DEFAULT_DATASETS_DIR = Path("~/orchestra_datasets").expanduser()
@@ -71,15 +78,28 @@ class Arrays:
 def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, np.ndarray]:
     """Keras's four arrays, from the .npz file or else from Keras's downloader."""
     if npz_path is not None:
-        with np.load(npz_path) as npz:
-            missing = {"x_train", "y_train"} - set(npz.files)
-            if missing:
-                raise FieldError(
-                    "data.source",
-                    f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
-                    "x_train, y_train[, x_test, y_test]",
-                )
-            return {key: npz[key] for key in npz.files}
+        try:
+            # Never pickles: a pickled (object) array would run code as it loads.
+            loaded = np.load(npz_path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError("it holds one array, not an archive of named arrays")
+            with loaded as npz:
+                missing = {"x_train", "y_train"} - set(npz.files)
+                if missing:
+                    raise FieldError(
+                        "data.source",
+                        f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
+                        "x_train, y_train[, x_test, y_test]",
+                    )
+                return {key: npz[key] for key in npz.files}
+        except FieldError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # corrupt, truncated, pickled
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if "pickle" in reason.lower() or "object arrays" in reason.lower():
+                reason = "it holds pickled objects, which orchestra never loads"
+            raise FieldError("data.source", f"{npz_path} is not a readable .npz of arrays ({reason}); "
+                                            "save it with numpy.savez, without object arrays") from None
     from orchestra.keras_compat import keras
 
     try:
@@ -121,6 +141,9 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
         x_test, y_test = x_test[: spec.test_size], y_test[: spec.test_size]
 
     num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
+    if num_classes is not None and num_classes > MAX_CLASSES:  # before np.eye: its memory grows with the square
+        raise FieldError("data.labels", f"one-hot labels over {num_classes} classes (the largest label + 1); "
+                                        f"at most {MAX_CLASSES}: use 'sparse' labels")
 
     def labels(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
@@ -143,8 +166,11 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
 
 
 def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:
-    """Examples as the model takes them: float32, rescaled, reshaped as the spec says."""
-    a = np.asarray(a).astype(np.float32)
+    """Examples as the model takes them: float32, rescaled, reshaped as the
+    spec says, in memory `host_tensor` can hand to TensorFlow as it is."""
+    source = np.asarray(a)
+    a = aligned_empty(source.shape, np.float32)
+    np.copyto(a, source, casting="unsafe")
     if spec.rescale is not None:
         a *= np.float32(spec.rescale)
     if spec.flatten:
@@ -158,6 +184,39 @@ def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:
                 f"cannot reshape examples of shape {a.shape[1:]} to {tuple(spec.reshape)}",
             ) from None
     return a
+
+
+# Bytes: TensorFlow's kernels abort on a tensor whose data is not aligned to
+# EIGEN_MAX_ALIGN_BYTES (at most 64), and `.npy` files align their data to 64.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an `ALIGNMENT` boundary,
+    so that `host_tensor` can hand its memory to TensorFlow as it is."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def host_tensor(a: np.ndarray):
+    """`a` as a tensor in host memory: `a`'s own memory when TensorFlow can
+    use it as it is (C-contiguous, writable and aligned, as are the arrays
+    of `prepare` and of `node_cache`), else a copy.
+
+    A read-only array (one from Ray's object store, say) is copied: DLPack,
+    the way in without a copy, cannot mark a tensor read-only. A memory map
+    opened copy-on-write (`mmap_mode="c"`) is writable and still shares its
+    pages with every other process mapping the file."""
+    import tensorflow as tf
+
+    a = np.asarray(a)
+    with tf.init_scope(), tf.device("/cpu:0"):
+        if a.size and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % ALIGNMENT == 0:
+            return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+        return tf.convert_to_tensor(a)
 
 
 def _column(labels: np.ndarray) -> np.ndarray:
@@ -175,25 +234,22 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
 class ArrayExamples:
     """Examples held in memory as arrays; `fetch` gathers a batch by index.
 
-    The arrays become tensors once, here, eagerly and on the host: every
-    pipeline built over these examples then captures the same two tensors
-    as inputs of its traced functions. (Made inside the function `tf.data`
-    traces for `map`, as `fetch` once did, `tf.constant` of the whole array
-    is a constant node of the graph: the array is copied into the function's
-    definition, its optimised copies and its kernel, several times the
-    data in memory and seconds of every epoch.) An aligned, contiguous
-    float array — one read zero-copy from Ray's object store, say — is
-    wrapped without a copy."""
+    The arrays become tensors once, here, eagerly and on the host, in place
+    where they can (`host_tensor`): every pipeline built over these examples
+    then captures the same two tensors as inputs of its traced functions.
+    (Made inside the function `tf.data` traces for `map`, as `fetch` once
+    did, `tf.constant` of the whole array is a constant node of the graph:
+    the array is copied into the function's definition, its optimised
+    copies and its kernel, several times the data in memory and seconds of
+    every epoch.) Pipelines over these examples skip tf.data's graph
+    rewrites (`without_graph_rewrites`)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray):
-        import tensorflow as tf
-
-        self.x, self.y = x, y
-        with tf.init_scope(), tf.device("/cpu:0"):
-            self._x, self._y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        self.y, self._n = y, len(x)  # not x: when TensorFlow had to copy it, the copy is the one kept
+        self._x, self._y = host_tensor(x), host_tensor(y)
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self._n
 
     @property
     def labels(self) -> np.ndarray:
@@ -203,6 +259,25 @@ class ArrayExamples:
         import tensorflow as tf
 
         return tf.gather(self._x, indices), tf.gather(self._y, indices)
+
+
+def without_graph_rewrites(dataset, examples):
+    """`dataset` without tf.data's default graph rewrites when it reads
+    `ArrayExamples`; other examples' datasets are returned as they are.
+
+    A rewrite serialises the pipeline and builds it again, copying every
+    tensor its functions capture: for arrays, a third copy of the whole of
+    them in every worker, and one that a memory-mapped array would no
+    longer share with the other workers of its node. The array pipelines
+    lose nothing by it: their `map` is parallel and their prefetch sized as
+    the spec says."""
+    if not isinstance(examples, ArrayExamples):
+        return dataset
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.with_options(options)
 
 
 def class_indices(labels: np.ndarray) -> np.ndarray:
@@ -282,7 +357,7 @@ def training_pipeline(
     if declare_endless:
         # tf.distribute then skips its per-step vote on whether every worker still has data.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
-    return _unsharded(dataset).prefetch(prefetch)
+    return without_graph_rewrites(_unsharded(dataset).prefetch(prefetch), examples)
 
 
 def evaluation_steps(n_examples: int, per_worker_batch: int, world_size: int) -> int:
@@ -320,7 +395,7 @@ def evaluation_pipeline(examples, *, per_worker_batch: int, rank: int, world_siz
     def batch(i):
         return examples.fetch(tf.range(starts[i], stops[i]), tf.constant(-1, tf.int64))
 
-    return _unsharded(tf.data.Dataset.range(steps).map(batch)).prefetch(prefetch)
+    return without_graph_rewrites(_unsharded(tf.data.Dataset.range(steps).map(batch)).prefetch(prefetch), examples)
 
 
 def _unsharded(dataset):

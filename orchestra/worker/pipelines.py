@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestra.build import data as data_lib
-from orchestra.build import tuning
+from orchestra.build import node_cache, tuning
 from orchestra.coordinator.protocol import WorkerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,8 +28,7 @@ class JobExamples:
 def job_examples(config: WorkerConfig) -> JobExamples:
     spec = config.spec
     if config.images is None:
-        npz = Path(config.npz_path) if config.npz_path else None
-        arrays = data_lib.prepare(spec.data, npz, Path(config.datasets_dir))
+        arrays = job_arrays(config)
         test = None if arrays.x_test is None else data_lib.ArrayExamples(arrays.x_test, arrays.y_test)
         validation = None if arrays.x_val is None else data_lib.ArrayExamples(arrays.x_val, arrays.y_val)
         return JobExamples(data_lib.ArrayExamples(arrays.x_train, arrays.y_train), validation, test,
@@ -39,6 +41,30 @@ def job_examples(config: WorkerConfig) -> JobExamples:
 
     return JobExamples(folder(config.images.train), folder(config.images.validation), None,
                        spec.data.images.image_shape)
+
+
+def job_arrays(config: WorkerConfig) -> data_lib.Arrays:
+    """The job's prepared arrays: the one copy of this node, memory-mapped,
+    when other workers of the job share the node; else this worker's own
+    (when the node's copy cannot be made, too, with a warning)."""
+    spec = config.spec
+    npz = Path(config.npz_path) if config.npz_path else None
+    if workers_on_this_node(config) > 1:
+        try:
+            return node_cache.node_arrays(spec.data, npz, Path(config.datasets_dir))
+        except OSError as exc:
+            log.warning("the arrays are not shared with this node's other workers (%s): this worker "
+                        "prepares its own copy", exc)
+    return data_lib.prepare(spec.data, npz, Path(config.datasets_dir))
+
+
+def workers_on_this_node(config: WorkerConfig) -> int:
+    """How many of the job's workers run on this node: 1 in the in-process run."""
+    if config.channel is None:
+        return 1
+    import ray.train
+
+    return ray.train.get_context().get_local_world_size()
 
 
 class Pipelines:

@@ -1,0 +1,195 @@
+"""One copy of a job's prepared arrays per node, however many workers it runs.
+
+Each worker of a job would otherwise prepare the whole arrays and hold them.
+Instead the first worker on a node to get here prepares them and writes
+them as `.npy` files into a private folder of this node; every worker (the
+first too) memory-maps the files, so one copy in the page cache serves
+them all, and TensorFlow reads it in place (`data.host_tensor`: the maps
+are copy-on-write, which TensorFlow can wrap without a copy, and nothing
+writes to them).
+
+    <tmp>/orchestra-arrays-<uid>/<key>/x_train.npy …   the arrays of one key
+    <tmp>/orchestra-arrays-<uid>/<key>.lock             held by every process using them
+    <tmp>/orchestra-arrays-<uid>/<key>.make             one maker at a time
+
+The key hashes the data spec, the source file's identity (path, size,
+modification time, inode) and the boot, so a different spec, a changed
+file or a file half-written before a crash is never read. Every process
+that maps a set holds its `.lock` shared for the rest of its life; a set
+whose `.lock` nobody holds any more (its job ended, or was killed: the
+kernel drops a dead process's locks) is deleted by the next process that
+opens a set on this node, which takes that `.lock` exclusively to do it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from orchestra.build.data import Arrays, prepare
+from orchestra.spec import DataSpec
+
+NAMES = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+LOCK_SUFFIX = ".lock"
+MAKE_SUFFIX = ".make"
+FORMAT = 1
+KEY_LENGTH = 32
+
+# key → the descriptor of its `.lock`, held shared for the life of this process.
+_held: dict[str, int] = {}
+
+
+def default_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"orchestra-arrays-{os.getuid()}"
+
+
+def node_arrays(spec: DataSpec, npz_path: Path | None, directory: Path, root: Path | None = None) -> Arrays:
+    """`prepare(spec, npz_path, directory)`, memory-mapped from this node's
+    one copy, made now if no process on the node has made it yet.
+
+    Raises OSError when the folder cannot be used (not this user's own, a
+    full disk): the caller can still prepare the arrays in its own memory.
+
+        node_arrays(spec.data, npz, datasets).x_train.filename
+        # PosixPath('/tmp/orchestra-arrays-1000/5f0c…/x_train.npy')
+    """
+    root = _private_folder(root or default_root())
+    key = cache_key(spec, npz_path)
+    _sweep(root, keep=key)
+    if key not in _held:
+        _held[key] = _use_lock(root, key)
+    making = os.open(root / f"{key}{MAKE_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(making, fcntl.LOCK_EX)  # one maker at a time
+        entry = root / key
+        arrays = _mapped(entry)
+        if arrays is None:
+            _write(entry, prepare(spec, npz_path, directory))
+            arrays = _mapped(entry)
+        if arrays is None:
+            raise OSError(errno.EIO, f"the arrays just written to {entry} do not read back")
+        return arrays
+    finally:
+        os.close(making)
+
+
+def cache_key(spec: DataSpec, npz_path: Path | None) -> str:
+    """Names one set of prepared arrays: the same key, the same arrays."""
+    if npz_path is None:
+        source = {"keras": spec.source}
+    else:
+        stat = os.stat(npz_path)
+        source = {"path": str(Path(npz_path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "inode": stat.st_ino}
+    text = json.dumps({"format": FORMAT, "boot": _boot_id(), "data": spec.model_dump(mode="json"),
+                       "source": source}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _private_folder(root: Path) -> Path:
+    """`root`, made if missing; only this user may have written into it."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stat = os.lstat(root)
+    if not os.path.isdir(root) or os.path.islink(root) or stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+        raise PermissionError(errno.EACCES, "not a folder that only this user can write to", str(root))
+    return root
+
+
+def _use_lock(root: Path, key: str) -> int:
+    """The descriptor of `key`'s use lock, held shared."""
+    path = root / f"{key}{LOCK_SUFFIX}"
+    while True:
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if _is_current(lock, path):
+            return lock
+        os.close(lock)  # a sweep deleted the file while we waited for it: lock the new one
+
+
+def _is_current(lock: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(lock).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _mapped(entry: Path) -> Arrays | None:
+    """The arrays of `entry`, memory-mapped copy-on-write, or None (and
+    the entry deleted) when it is missing or does not read as arrays."""
+    if not entry.is_dir():
+        return None
+    try:
+        arrays = Arrays(**{name: np.load(entry / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+                           if (entry / f"{name}.npy").exists() else None for name in NAMES})
+    except (OSError, ValueError):
+        arrays = None
+    if arrays is None or not _complete(arrays):
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return arrays
+
+
+def _complete(arrays: Arrays) -> bool:
+    pairs = [(arrays.x_train, arrays.y_train), (arrays.x_val, arrays.y_val), (arrays.x_test, arrays.y_test)]
+    return arrays.x_train is not None and all((x is None) == (y is None) and (x is None or len(x) == len(y))
+                                              for x, y in pairs)
+
+
+def _write(entry: Path, arrays: Arrays) -> None:
+    """Write the arrays beside `entry`, then rename them into place: a
+    reader sees all of them or none."""
+    for stale in entry.parent.glob(f".{entry.name}.*"):  # a maker that died: the make lock is ours now
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = entry.with_name(f".{entry.name}.{os.getpid()}")
+    staging.mkdir(mode=0o700)
+    try:
+        for name in NAMES:
+            array = getattr(arrays, name)
+            if array is not None:
+                np.save(staging / f"{name}.npy", array, allow_pickle=False)
+        os.rename(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sweep(root: Path, keep: str) -> None:
+    """Delete every set of arrays under `root` but `keep` that no process holds."""
+    keys = {path.name.lstrip(".").split(".")[0] for path in root.iterdir()}
+    for key in sorted(keys - {keep}):
+        if len(key) != KEY_LENGTH or key.strip("0123456789abcdef"):
+            continue  # not ours
+        path = root / f"{key}{LOCK_SUFFIX}"
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)  # in use
+            continue
+        try:
+            if _is_current(lock, path):
+                shutil.rmtree(root / key, ignore_errors=True)
+                for staging in root.glob(f".{key}.*"):
+                    shutil.rmtree(staging, ignore_errors=True)
+                (root / f"{key}{MAKE_SUFFIX}").unlink(missing_ok=True)  # a maker holds the use lock first
+                path.unlink()
+        finally:
+            os.close(lock)
