@@ -407,6 +407,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             data = json.loads(args.data)
         except json.JSONDecodeError as exc:
             raise SpecError([("--data", f"malformed JSON: {exc.msg}")], "--data") from None
+        except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; nesting past the stack
+            raise SpecError([("--data", f"malformed JSON: {str(exc)[:100] or type(exc).__name__}")], "--data") from None
         if not isinstance(data, dict):
             raise SpecError([("--data", "must be a JSON object of data fields")], "--data")
     result = evaluate(args.job_id, data=data, storage=args.storage, checkpoint=args.checkpoint,

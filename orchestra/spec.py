@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestra.errors import SpecError
+from orchestra.errors import SpecError, printable
 
 Mode = Literal["auto", "min", "max"]
 
@@ -53,6 +54,18 @@ ONE_HOT_LOSSES = frozenset({
 })
 SPARSE_LOSSES = frozenset({
     "sparse_categorical_crossentropy", "SparseCategoricalCrossentropy",
+})
+BINARY_LOSSES = frozenset({
+    "binary_crossentropy", "BinaryCrossentropy", "binary_focal_crossentropy", "BinaryFocalCrossentropy",
+})
+# Metrics that read labels one way only, as the losses above.
+ONE_HOT_METRICS = frozenset({
+    "categorical_accuracy", "CategoricalAccuracy", "top_k_categorical_accuracy", "TopKCategoricalAccuracy",
+    "categorical_crossentropy", "CategoricalCrossentropy",
+})
+SPARSE_METRICS = frozenset({
+    "sparse_categorical_accuracy", "SparseCategoricalAccuracy", "sparse_top_k_categorical_accuracy",
+    "SparseTopKCategoricalAccuracy", "sparse_categorical_crossentropy", "SparseCategoricalCrossentropy",
 })
 
 
@@ -67,6 +80,18 @@ _PATH_END = " :: "
 
 
 PATH_MAX = 4096  # Linux's limit; a longer path fails in the OS, not here
+
+
+def _usable_path(value: str | None) -> str | None:
+    """A path field's value, refused when no OS call can take it: a NUL
+    character, or `~name` (another user's home, unknown on some machines)."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        raise ValueError("contains a NUL character, which no path may hold")
+    if value.startswith("~") and not (value == "~" or value.startswith("~/")):
+        raise ValueError("another user's home ('~name') is not allowed; give an absolute path or ~/...")
+    return value
 
 
 class StrictModel(BaseModel):
@@ -86,6 +111,11 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
+# One-hot labels hold num_classes floats per example in memory (and `validate` makes them):
+# 30,000 classes took 6.6 GB. Past this, a model wants sparse labels anyway.
+MAX_CLASSES = 1000
+
+
 class ImageFolderSpec(StrictModel):
     """A class-per-subfolder tree of image files, as Keras's
     `flow_from_directory` reads it: class names are the subfolder names,
@@ -103,6 +133,8 @@ class ImageFolderSpec(StrictModel):
         default="categorical",
         description="binary: one 0/1 value (two classes); categorical: one-hot; int: class index.",
     )
+
+    _paths = field_validator("train_dir", "validation_dir")(_usable_path)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -147,7 +179,8 @@ class DataSpec(StrictModel):
         default="sparse", description="Integer class labels, or one-hot vectors."
     )
     num_classes: int | None = Field(
-        default=None, ge=2, description="Classes for one-hot labels (default: largest label + 1)."
+        default=None, ge=2, le=MAX_CLASSES,
+        description=f"Classes for one-hot labels (default: largest label + 1); at most {MAX_CLASSES}.",
     )
     train_size: int | None = Field(
         default=None, ge=1, description="Draw this many training examples at random."
@@ -175,6 +208,7 @@ class DataSpec(StrictModel):
     )
 
     _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
+    _paths = field_validator("source")(_usable_path)
 
     @field_validator("rescale")
     @classmethod
@@ -236,7 +270,7 @@ class LayerSpec(BaseModel):
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", key):
                 problems.append(f"{key[:64]!r}{_PATH_END}is not a Keras argument name (lower-case letters, digits, '_')")
                 continue
-            problem = _layer_argument_problem(value)
+            problem = _layer_argument_problem(value) or _layer_rule_problem(key, value)
             if problem:
                 problems.append(f"{key}{_PATH_END}{problem}")
         if problems:
@@ -251,6 +285,35 @@ class LayerSpec(BaseModel):
 LAYER_ARGUMENT_DEPTH = 3
 LAYER_ARGUMENT_LENGTH = 64
 MAX_INT = 2**31 - 1
+MAX_LAYERS = 500  # tf-keras builds a Sequential model recursively: 2,000 layers exceed Python's stack
+MAX_UNITS = 65_536  # a size argument above it asks for gigabytes in one layer (Dense of 3,000,000: 9.4 GB)
+# Arguments that size a layer: whole numbers from 1 to MAX_UNITS (0 aborts the process inside oneDNN).
+SIZE_ARGUMENTS = frozenset({
+    "units", "filters", "output_dim", "input_dim", "num_heads", "key_dim", "value_dim", "depth_multiplier",
+    "kernel_size", "pool_size", "strides", "dilation_rate", "size", "n", "max_tokens", "num_bins",
+})
+# Fractions of units dropped: below 1 (a rate of 1 drops everything, and Keras divides by 1 - rate).
+RATE_ARGUMENTS = frozenset({"rate", "dropout", "recurrent_dropout"})
+# Arguments Keras reads a file from when they are a string (lookup and vectorization vocabularies).
+FILE_ARGUMENTS = frozenset({"vocabulary", "idf_weights", "stop_words"})
+
+
+def _layer_rule_problem(key: str, value: Any) -> str | None:
+    """What the orchestra-specific rule of argument `key` says of `value`, or None."""
+    if key in FILE_ARGUMENTS and isinstance(value, str):
+        return ("a string here is a file Keras would read; give the values inline as a list "
+                "(layer arguments never name files)")
+    if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
+        return "looks like a file path; layer arguments never name files"
+    if key in SIZE_ARGUMENTS and value is not None:  # null: Keras's default (strides = pool_size, ...)
+        sizes = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_UNITS for v in sizes):
+            return (f"must be a whole number from 1 to {MAX_UNITS} (or a list of them); got {value!r:.40}: "
+                    f"0 aborts TensorFlow, and more than {MAX_UNITS} asks for gigabytes in one layer")
+    if key in RATE_ARGUMENTS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value < 1:
+            return f"must be at least 0 and below 1 (a fraction of the units to drop); got {value!r}"
+    return None
 
 
 def _layer_argument_problem(value: Any, depth: int = 0) -> str | None:
@@ -290,6 +353,7 @@ class BackboneSpec(StrictModel):
     @field_validator("weights")
     @classmethod
     def _local_weights(cls, value: str | None) -> str | None:
+        _usable_path(value)
         if value is not None and value.lower() == "imagenet":
             raise ValueError(
                 "'imagenet' would download; give the path of a weights file you have (or null for random weights)"
@@ -306,7 +370,16 @@ class ModelSpec(StrictModel):
         default=None,
         description="Shape of one example (without the batch axis); default: the data's shape.",
     )
-    layers: list[LayerSpec] = Field(min_length=1, description="Layers, first to last (after the backbone).")
+    layers: list[LayerSpec] = Field(
+        min_length=1, description=f"Layers, first to last (after the backbone); at most {MAX_LAYERS}.")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _not_too_many(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_LAYERS:
+            raise ValueError(f"{len(value)} layers; at most {MAX_LAYERS} (tf-keras builds a Sequential model "
+                             "recursively, and a deeper stack exceeds Python's stack)")
+        return value
 
     @model_validator(mode="after")
     def _one_input(self) -> ModelSpec:
@@ -324,7 +397,8 @@ class OptimizerSpec(StrictModel):
 
 
 class CompileSpec(StrictModel):
-    optimizer: str | OptimizerSpec = Field(default="rmsprop", description="Optimizer name or object.")
+    optimizer: Annotated[str, Field(min_length=1)] | OptimizerSpec = Field(
+        default="rmsprop", description="Optimizer name or object.")
     loss: str = Field(min_length=1, description="A name from keras.losses.")
     metrics: list[str] = Field(default_factory=list, description="Names from keras.metrics.")
 
@@ -390,14 +464,38 @@ class CallbacksSpec(StrictModel):
     tensorboard: TensorBoardSpec | None = Field(default_factory=TensorBoardSpec)
 
 
+# A worker is a TensorFlow process with its own threads and a collective
+# server: below a quarter of a CPU it starves, and a job of many such
+# workers passes the CPU count of any cluster.
+MIN_CPUS_PER_WORKER = 0.25
+# One driver follows every worker and one collective ring joins them all.
+MAX_WORKERS = 256
+
+
 class ScalingSpec(StrictModel):
-    workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (one replica each).")
-    cpus_per_worker: float = Field(default=1, gt=0, le=1024)
+    workers: int = Field(default=2, ge=1, description=f"Ray Train workers (one replica each); at most {MAX_WORKERS}.")
+    cpus_per_worker: float = Field(default=1, le=1024, description=f"At least {MIN_CPUS_PER_WORKER}.")
     use_gpu: bool = False
     max_failures: int = Field(
         default=0, ge=0, le=100,
         description="Restart the workers from the latest checkpoint this many times.",
     )
+
+    @field_validator("workers")
+    @classmethod
+    def _few_enough_workers(cls, value: int) -> int:
+        if value > MAX_WORKERS:
+            raise ValueError(f"{value} workers; at most {MAX_WORKERS} (one driver follows every worker "
+                             "and one collective ring joins them all)")
+        return value
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _enough_cpu(cls, value: float) -> float:
+        if not value >= MIN_CPUS_PER_WORKER:
+            raise ValueError(f"{value:g} CPU; at least {MIN_CPUS_PER_WORKER} (a worker is a TensorFlow process "
+                             "with its own threads: with less it starves)")
+        return value
 
 
 Auto = Literal["auto"]
@@ -460,15 +558,33 @@ class JobSpec(StrictModel):
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     storage: str | None = Field(
         default=None, max_length=PATH_MAX,
-        description="Root of the shared storage (a path); --storage and ORCHESTRA_STORAGE override it; "
-        "default ~/orchestra_storage.",
+        description="Root of the shared storage (an absolute path, or ~/...); --storage and ORCHESTRA_STORAGE "
+        "override it; default ~/orchestra_storage.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _usable_in_a_job_id(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError(f"{value!r} contains '..', which no job id may hold; use letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _absolute_storage(cls, value: str | None) -> str | None:
+        if value is None or ("://" in value and not value.startswith("file://")):
+            return value  # a URI: the storage layer says which it supports
+        path = _usable_path(value.removeprefix("file://"))
+        if not (path.startswith("/") or path == "~" or path.startswith("~/")):
+            raise ValueError(f"{value[:60]!r} is relative (to a folder that differs between the submitter and "
+                             "the driver); give an absolute path, e.g. /shared/orchestra")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         """Rules that span sections; every broken one is reported, each under
         the path of the field to change."""
-        problems = []
+        problems = list(_text_problems(self.model_dump(), ()))
         loss = self.compile.loss
         kind, field = self.data.label_kind, self.data.label_field
         wanted = {"one_hot": "'one_hot'", "sparse": "'sparse'"}
@@ -501,6 +617,8 @@ class JobSpec(StrictModel):
                 f"{self.fit.batch_size} must be a multiple of scaling.workers "
                 f"{self.scaling.workers} (each worker takes an equal share)",
             ))
+        problems += self._metric_problems()
+        problems += self.output_problems(self.data.num_classes if kind == "one_hot" else None)
         allowed = self.logged_metrics
         for name, section in (
             ("early_stopping", self.callbacks.early_stopping),
@@ -520,6 +638,66 @@ class JobSpec(StrictModel):
         if problems:
             raise ValueError("\n".join(f"{path}{_PATH_END}{message}" for path, message in problems))
         return self
+
+    def _metric_problems(self) -> list[tuple[str, str]]:
+        problems, seen = [], {}
+        kind, field = self.data.label_kind, self.data.label_field
+        for i, (metric, logged) in enumerate(zip(self.compile.metrics, self.compile.metric_names)):
+            if logged in seen:
+                problems.append((f"compile.metrics.{i}", f"'{metric}' is logged as '{logged}', as is "
+                                                         f"compile.metrics.{seen[logged]}: list each metric once"))
+            seen.setdefault(logged, i)
+            if metric in SPARSE_METRICS and kind != "sparse":
+                problems.append((f"compile.metrics.{i}", f"'{metric}' reads integer labels but {field} gives "
+                                                         f"{kind} labels; use '{metric.replace('sparse_', '')}'"))
+            if metric in ONE_HOT_METRICS and kind != "one_hot":
+                problems.append((f"compile.metrics.{i}", f"'{metric}' reads one-hot labels but {field} gives "
+                                                         f"{kind} labels; use 'sparse_{metric}' or 'accuracy'"))
+        return problems
+
+    @property
+    def output_width(self) -> tuple[str, int] | None:
+        """(field, width) of the model's output when the spec says it: the
+        `units` of a last layer that is `Dense`."""
+        last = self.model.layers[-1]
+        units = last.arguments.get("units")
+        if last.type != "Dense" or not isinstance(units, int):
+            return None
+        return f"model.layers.{len(self.model.layers) - 1}.units", units
+
+    def output_problems(self, num_classes: int | None) -> list[tuple[str, str]]:
+        """The last layer's width against the labels and the loss, as
+        (field, message). `num_classes`: the classes of the labels (for
+        integer labels, the largest + 1), when known; the spec alone knows
+        `data.num_classes` (pre-flight's trial step checks the data's).
+
+            >>> spec = JobSpec.model_validate({
+            ...     "data": {"source": "mnist"}, "model": {"layers": [{"type": "Dense", "units": 5}]},
+            ...     "compile": {"loss": "sparse_categorical_crossentropy"}})
+            >>> spec.output_problems(10)
+            [('model.layers.0.units', '5 outputs, but the labels have up to 10 classes: set units to 10')]
+        """
+        found = self.output_width
+        loss, kind = self.compile.loss, self.data.label_kind
+        problems = []
+        if loss in BINARY_LOSSES and kind != "one_hot" and num_classes is not None and num_classes > 2:
+            problems.append(("compile.loss", f"'{loss}' takes labels 0 and 1, but the labels have {num_classes} "
+                                             "classes; use 'sparse_categorical_crossentropy'"))
+        if found is None:
+            return problems
+        field, width = found
+        if loss in BINARY_LOSSES and kind != "one_hot" and width != 1:
+            problems.append((field, f"{width} outputs, but '{loss}' on {kind} labels (one 0/1 value each) "
+                                    "needs 1: set units to 1 (activation sigmoid)"))
+        elif (loss in ONE_HOT_LOSSES or loss in SPARSE_LOSSES) and width < 2:
+            problems.append((field, f"{width} output, but '{loss}' needs one output per class (at least 2)"))
+        elif kind == "one_hot" and num_classes is not None and width != num_classes:
+            problems.append((field, f"{width} outputs, but the labels have {num_classes} classes: "
+                                    f"set units to {num_classes}"))
+        elif kind == "sparse" and loss in SPARSE_LOSSES and num_classes is not None and width < num_classes:
+            problems.append((field, f"{width} outputs, but the labels have up to {num_classes} classes: "
+                                    f"set units to {num_classes}"))
+        return problems
 
     @property
     def default_monitor(self) -> str:
@@ -543,7 +721,9 @@ class JobSpec(StrictModel):
         if workers is not None:
             data["scaling"]["workers"] = workers
         if storage is not None:
-            data["storage"] = storage
+            # A relative path on the command line means the caller's folder; in a spec it would not.
+            relative = "://" not in storage and not storage.startswith(("/", "~"))
+            data["storage"] = os.path.abspath(storage) if relative and "\x00" not in storage else storage
         try:
             return JobSpec.model_validate(data)
         except ValidationError as exc:
@@ -652,6 +832,32 @@ def parse_spec(text: str, source: str = "spec") -> JobSpec:
         raise SpecError(problems_of(exc), source) from None
 
 
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be written as UTF-8 (a lone surrogate, which a
+    JSON escape such as \\ud800 makes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode text (a lone surrogate at character {exc.start}); remove it"
+    return None
+
+
+def _text_problems(value: Any, path: tuple) -> Any:
+    """(field path, message) for every string (or key) in `value` that is not valid Unicode."""
+    where = ".".join(str(part) for part in path) or "(spec)"
+    if isinstance(value, str) and _text_problem(value):
+        yield where, _text_problem(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _text_problem(key):
+                yield where, f"a key {_text_problem(key)}"
+            else:
+                yield from _text_problems(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _text_problems(item, (*path, index))
+
+
 def _unsafe_values(value: Any, path: tuple) -> Any:
     """(field path, message) for every value no spec field may hold."""
     where = ".".join(str(part) for part in path) or "(spec)"
@@ -661,22 +867,58 @@ def _unsafe_values(value: Any, path: tuple) -> Any:
         yield where, f"{value} is not allowed: numbers must be finite"
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SPEC_INT:
         yield where, f"{value:.3g} is out of range (at most 2**53 in magnitude)"
+    elif isinstance(value, str) and _text_problem(value):
+        yield where, _text_problem(value)
     elif isinstance(value, dict):
         for key, item in value.items():
+            if _text_problem(key):
+                yield where, f"a key {_text_problem(key)}"
+                continue
             yield from _unsafe_values(item, (*path, key[:64]))
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _unsafe_values(item, (*path, index))
 
 
+def read_spec_text(path: str | os.PathLike) -> str:
+    """The text of a spec file, read safely: a regular file only (a FIFO,
+    a device such as /dev/zero or a folder is refused without reading),
+    at most MAX_SPEC_BYTES read, decoded as UTF-8. Raises SpecError."""
+    path = Path(path)
+    source = str(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) else "the path holds a NUL character"
+        raise SpecError([("(file)", f"cannot read {printable(source)}: {reason}")], source) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError([("(file)", "is not a regular file (a folder, FIFO or device is never read as a spec)")],
+                            source)
+        raw = b""
+        while len(raw) <= MAX_SPEC_BYTES:
+            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+    except OSError as exc:
+        raise SpecError([("(file)", f"cannot read {printable(source)}: {exc.strerror}")], source) from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([("(file)", f"is larger than {MAX_SPEC_BYTES} bytes, the most a spec may be")], source)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([("(file)", f"is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                                    "save the spec as UTF-8 JSON")], source) from None
+
+
 def load_spec(path: str | os.PathLike) -> JobSpec:
     """Read and validate a spec file; the name defaults to the file's stem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError([("(file)", f"cannot read {path}: {exc.strerror}")], str(path)) from None
-    spec = parse_spec(text, str(path))
+    spec = parse_spec(read_spec_text(path), str(path))
     if "name" not in spec.model_fields_set:
         spec = spec.model_copy(update={"name": _safe_name(path.stem)})
     return spec

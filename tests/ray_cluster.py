@@ -117,6 +117,10 @@ class LoopbackCluster:
         actors = self.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
         return {actor["pid"]: actor["node_id"] for actor in actors if actor.get("pid") in pids}
 
+    def processes(self) -> list[psutil.Process]:
+        """Every process the running nodes started: Ray's own, workers, job drivers."""
+        return [process for node in self.nodes if node.poll() is None for process in _family(node.pid)]
+
     def stop_node(self, index: int) -> None:
         """Stop one node and everything it started, as a lost machine would."""
         node = self.nodes[index]

@@ -5,7 +5,9 @@ followed from the CLI and the Python client as from a laptop."""
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -140,6 +142,46 @@ def test_bad_input_is_refused_before_anything_reaches_the_cluster(cluster, clien
     assert {s.job_id for s in client.list()} == before
     with pytest.raises(ClusterError, match="cannot reach"):
         Client("http://127.0.0.1:9")
+
+
+def job_driver(cluster: LoopbackCluster, job_id: str) -> psutil.Process:
+    """The process of a Ray job's entrypoint: `python -m orchestra.driver run ... --job-id JOB`."""
+    for process in cluster.processes():
+        try:
+            command = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "orchestra.driver" in command and job_id in command and "python" in Path(command[0]).name:
+            return process
+    raise AssertionError(f"no driver process of {job_id} among the cluster's processes")
+
+
+def test_a_driver_killed_on_the_cluster_reads_as_lost_with_ray_s_reason(cluster, client, tmp_path):
+    """The "driver lost" reading of a real Ray job whose driver process was
+    killed: Ray Jobs has it FAILED with the entrypoint's exit, the driver's
+    last status line said RUNNING, and status combines the two."""
+    storage = tmp_path / "shared"
+    job_id = client.submit(write_spec(tmp_path / "headless.json", quick_spec(**{"fit.epochs": 500})),
+                           storage=str(storage))
+    wait_for(lambda: client.status(job_id).epochs_completed >= 2, 300, "two epochs")
+    driver = job_driver(cluster, job_id)
+    pids = read_job(storage / job_id)["worker_pids"].values()
+    driver.kill()
+    killed = time.monotonic()
+    final = wait_for(lambda: (s := client.status(job_id)).state.is_terminal and s, 120, "a final state")
+    detected = time.monotonic() - killed
+    ray_job = client._jobs._jobs.get_job_info(job_id)
+    assert str(ray_job.status.value if hasattr(ray_job.status, "value") else ray_job.status) == "FAILED"
+    assert final.state is JobState.FAILED, final.reason
+    assert final.reason.startswith("driver lost: "), final.reason
+    # SIGKILL, as Ray's job supervisor sees the entrypoint's shell report it (128 + 9) or Python's -9.
+    assert re.fullmatch(r"driver lost: Job entrypoint command failed with exit code (137|-9)", final.reason), \
+        final.reason
+    assert final.epochs_completed >= 2  # what the driver last said survives
+    cli = json.loads(run_cli("status", job_id, "--json", env=cluster.client_env()).stdout)
+    assert (cli["state"], cli["reason"]) == ("FAILED", final.reason)
+    wait_for(lambda: not any(_running(pid) for pid in pids), 60, "the workers to end with their driver")
+    print(f"\ndriver SIGKILL on the cluster: FAILED {detected:.1f} s after, reason: {final.reason[:200]}")
 
 
 # The node-loss tests stop the second node: they come last in this module.

@@ -11,7 +11,12 @@ from typing import get_args
 
 import pytest
 
-from orchestra.coordinator import Checkpoint, Coordinator, CoordinatorCallback, EarlyStopping
+from orchestra.coordinator import (
+    Checkpoint,
+    Coordinator,
+    CoordinatorCallback,
+    EarlyStopping,
+)
 from orchestra.coordinator.aggregate import aggregate
 from orchestra.coordinator.protocol import (
     CheckpointRef,
@@ -202,7 +207,7 @@ def test_every_event_type_of_the_protocol_is_handled(storage):
         EpochReports: reports(1, 0.5),
         CheckpointSaved: None,  # needs a saved folder: below
         Restarted: Restarted(1, None),
-        Finished: Finished(FinalResult(None, "/m")),
+        Finished: Finished(FinalResult(None, str(storage.model_dir(JOB)))),
     }
     if hasattr(protocol, "StepProgress"):
         samples[protocol.StepProgress] = protocol.StepProgress(epoch=2, step=5, steps=10, elapsed=1.0, samples=50)

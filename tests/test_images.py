@@ -12,6 +12,7 @@ from PIL import Image
 
 from orchestra.build import data as data_lib
 from orchestra.build.images import FolderExamples, index_folder, split_folders
+from orchestra.errors import FieldError
 from orchestra.spec import DataSpec
 from orchestra.tools.samples import write_image_tree
 
@@ -99,3 +100,70 @@ def test_workers_share_each_epoch_without_overlap(tree):
             np.testing.assert_array_equal(weight, np.where(y.argmax(-1) == 1, 3.0, 1.0))
             seen += [next(i for i, b in flat.items() if b == image.tobytes()) for image in x]
     assert sorted(seen) == list(range(16))
+
+
+# Hostile folders: no link followed, a cap on what is listed, errors that list nothing.
+
+def small_tree(root):
+    return write_image_tree(root, per_class=3, size=8)
+
+
+def refusal(folder) -> str:
+    with pytest.raises(FieldError) as info:
+        index_folder(str(folder), "data.images.train_dir")
+    assert info.value.field == "data.images.train_dir"
+    return str(info.value)
+
+
+def test_a_class_folder_that_is_a_link_is_refused_without_naming_it(tmp_path):
+    root = small_tree(tmp_path / "train")
+    outside = small_tree(tmp_path / "elsewhere")
+    (root / "secret_name").symlink_to(outside / "circle", target_is_directory=True)
+    message = refusal(root)
+    assert "symbolic link" in message and "secret_name" not in message and "circle" not in message
+
+
+def test_links_inside_a_class_are_skipped_not_followed(tmp_path):
+    root = small_tree(tmp_path / "train")
+    outside = small_tree(tmp_path / "elsewhere")
+    (root / "circle" / "linked.png").symlink_to(outside / "circle" / "0000.png")
+    (root / "circle" / "linked_folder").symlink_to(outside / "square", target_is_directory=True)
+    index = index_folder(str(root), "data.images.train_dir")
+    assert len(index.files) == 6 and not any("elsewhere" in path or "linked" in path for path in index.files)
+    assert sorted(path.rsplit("/", 1)[1] for path in index.skipped) == ["linked.png", "linked_folder"]
+
+
+def test_a_huge_tree_is_refused_before_it_is_walked(tmp_path, monkeypatch):
+    """`train_dir: "../../.."` would walk the filesystem: past MAX_ENTRIES
+    entries the walk stops, and the error names no entry."""
+    from orchestra.build import images
+
+    root = small_tree(tmp_path / "train")
+    for i in range(30):
+        (root / "square" / f"private_{i}.txt").write_text("x")
+    monkeypatch.setattr(images, "MAX_ENTRIES", 20)
+    message = refusal(root)
+    assert "more than 20 files and folders" in message and "private" not in message and "square" not in message
+
+
+def test_errors_count_the_folders_entries_never_list_them(tmp_path):
+    lonely = tmp_path / "lonely"
+    (lonely / "only_class").mkdir(parents=True)
+    (lonely / "other_name").mkdir()
+    (lonely / "other_name" / "notes.txt").write_text("x")
+    message = refusal(lonely)
+    assert "no readable images" in message and "only_class" not in message and "other_name" not in message
+    (lonely / "other_name").rename(tmp_path / "moved")
+    message = refusal(lonely)
+    assert "it has 1 subfolders" in message and "only_class" not in message
+    assert "no such folder" in refusal("~nosuchuser_orchestra/x") and "no such folder" in refusal("/tmp/a\x00b")
+
+
+def test_more_class_folders_than_one_hot_labels_allow_are_refused(tmp_path, monkeypatch):
+    from orchestra.build import images
+
+    root = write_image_tree(tmp_path / "train", per_class=1, size=8)
+    (root / "third").mkdir()
+    monkeypatch.setattr(images, "MAX_CLASSES", 2)
+    message = refusal(root)
+    assert "from 2 to 2" in message and "it has 3 subfolders" in message and "third" not in message

@@ -10,7 +10,12 @@ import time
 
 import pytest
 
-from orchestra.errors import JobStateError, OrchestraError, StorageError, StorageWriteError
+from orchestra.errors import (
+    JobStateError,
+    OrchestraError,
+    StorageError,
+    StorageWriteError,
+)
 from orchestra.storage.folders import Storage, atomic_write_text, publish_directory
 from orchestra.storage.record import (
     ALLOWED_TRANSITIONS,

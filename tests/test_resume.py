@@ -5,7 +5,9 @@ from, which jobs may resume, TensorBoard rolled back to a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import time
@@ -21,6 +23,7 @@ from orchestra.coordinator.protocol import CheckpointRef, Decision
 from orchestra.driver.resume import check_resumable, latest_checkpoint
 from orchestra.driver.signals import stop_on_signals
 from orchestra.errors import JobStateError
+from orchestra.storage import heartbeat
 from orchestra.storage.folders import Storage
 from orchestra.storage.record import JobRecord
 
@@ -33,21 +36,28 @@ def running_record(storage: Storage, **fields) -> JobRecord:
     return record
 
 
-def test_a_silent_driver_reads_as_lost_and_its_job_can_resume(tmp_path, monkeypatch):
+def test_a_silent_driver_reads_as_lost_by_its_counter_on_the_readers_clock_and_its_job_can_resume(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRA_HEARTBEAT_TIMEOUT", "30")
+    reader_clock = [1000.0]
+    monkeypatch.setattr(heartbeat.WATCH, "clock", lambda: reader_clock[0])
     storage = Storage(tmp_path)
+    # A job from before leases (no lease to probe), driven elsewhere, whose wall clock is 100 s behind ours.
     running_record(storage, driver_pid=1, driver_host="elsewhere", heartbeat_at=time.time() - 100)
+    beat = {"pid": 1, "host": "elsewhere", "beats": 7, "at": time.time() - 100}
+    (tmp_path / "job-1" / "heartbeat.json").write_text(json.dumps(beat))
     client = Client(storage=str(tmp_path))
+    assert client.status("job-1").state is JobState.RUNNING  # the other host's clock says nothing here
+    reader_clock[0] += 31
     status = client.status("job-1")
     assert status.state is JobState.FAILED
-    assert status.reason == "driver lost: no heartbeat from elsewhere for 100 s after epoch 3"
+    assert re.fullmatch(r"driver lost: the heartbeat of elsewhere has not moved for 31 s \(as timed on .+\) "
+                        r"after epoch 3", status.reason)
     assert [s.state for s in client.list()] == [JobState.FAILED]
     assert storage.read_record("job-1").state is JobState.RUNNING  # readers never write
     assert check_resumable(storage, "job-1").state is JobState.FAILED
 
-    record = storage.read_record("job-1")
-    record.heartbeat_at = time.time()
-    storage.write_record(record)
+    (tmp_path / "job-1" / "heartbeat.json").write_text(json.dumps({**beat, "beats": 8}))  # it beats again
     assert client.status("job-1").state is JobState.RUNNING
     with pytest.raises(JobStateError, match="job-1 is RUNNING: only STOPPED or FAILED"):
         check_resumable(storage, "job-1")

@@ -182,3 +182,79 @@ def test_cli_schema_prints_json_schema():
     result = orchestra_cli("schema")
     assert result.returncode == 0
     assert json.loads(result.stdout)["title"] == "JobSpec"
+
+
+# Reading a spec file: regular files only, the size cap before reading, UTF-8.
+
+def file_problem(path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    (field, message), = info.value.problems
+    assert field == "(file)"
+    return message
+
+
+def test_a_fifo_a_device_or_a_folder_is_not_read_as_a_spec(tmp_path):
+    import os
+
+    fifo = tmp_path / "spec.json"
+    os.mkfifo(fifo)  # no writer: a blocking read would wait for ever
+    assert "not a regular file" in file_problem(fifo)
+    assert "not a regular file" in file_problem("/dev/zero")  # endless: read whole, it fills the memory
+    assert "not a regular file" in file_problem(tmp_path)
+
+
+def test_a_huge_spec_is_refused_without_being_read(tmp_path):
+    from orchestra.spec import MAX_SPEC_BYTES
+
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as file:
+        file.truncate(50 * 2**30)  # 50 GiB, sparse: reading it whole would never end on this machine
+    assert f"larger than {MAX_SPEC_BYTES} bytes" in file_problem(huge)
+
+
+def test_a_spec_that_is_not_utf8_is_a_spec_error(tmp_path):
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(small_spec(comment="café"), ensure_ascii=False).encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
+    assert "not UTF-8" in file_problem(latin)
+
+
+@pytest.mark.parametrize("storage,expected", [
+    ("relative/storage", "is relative"), ("/tmp/a\x00b", "NUL character"), ("~nosuchuser/x", "another user's home"),
+    ("file://relative", "is relative"),
+])
+def test_storage_must_be_an_absolute_path(storage, expected):
+    assert expected in problems(small_spec(storage=storage))["storage"]
+
+
+@pytest.mark.parametrize("storage", ["/shared/orchestra", "~/orchestra_storage", "~", "file:///shared/x"])
+def test_absolute_and_home_storage_are_valid(storage):
+    assert JobSpec.model_validate(small_spec(storage=storage)).storage == storage
+
+
+def test_a_relative_storage_override_means_the_callers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = JobSpec.model_validate(small_spec()).with_overrides(storage="here")
+    assert spec.storage == str(tmp_path / "here")
+
+
+def test_a_lone_surrogate_anywhere_is_refused_in_python_too():
+    """JSON's `\\ud800` escape makes a string that no file can be written with."""
+    assert "lone surrogate" in problems(small_spec(comment="ok \ud800"))["comment"]
+    with pytest.raises(Exception, match="lone surrogate"):
+        JobSpec.model_validate(small_spec(comment="\udfff"))
+
+
+def test_output_width_against_the_data_classes():
+    one_hot = JobSpec.model_validate(small_spec())  # one-hot labels, last Dense of 10 units
+    last = "model.layers.1.units"
+    assert one_hot.output_problems(10) == []
+    assert one_hot.output_problems(12) == [(last, "10 outputs, but the labels have 12 classes: set units to 12")]
+    sparse = JobSpec.model_validate(small_spec(**{"data.labels": "sparse",
+                                                  "compile.loss": "sparse_categorical_crossentropy"}))
+    assert sparse.output_problems(3) == []  # a subset may miss the top classes
+    assert sparse.output_problems(12)[0][1].startswith("10 outputs, but the labels have up to 12 classes")
+    binary = small_spec(**{"data.labels": "sparse", "compile.loss": "binary_crossentropy"})
+    assert "needs 1: set units to 1" in problems(binary)[last]  # known from the spec alone
+    binary["model"]["layers"][1].update(units=1, activation="sigmoid")
+    assert [field for field, _ in JobSpec.model_validate(binary).output_problems(10)] == ["compile.loss"]

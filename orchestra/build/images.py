@@ -12,6 +12,7 @@ are augmented.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestra.errors import FieldError
-from orchestra.spec import AugmentationSpec, DataSpec, ImageFolderSpec
+from orchestra.errors import FieldError, printable
+from orchestra.spec import MAX_CLASSES, AugmentationSpec, DataSpec, ImageFolderSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -77,35 +78,98 @@ def is_readable_image(path: Path) -> bool:
         return False
 
 
+# Entries (files and folders) listed under one image folder at most: a
+# folder such as "../../.." is refused before its tree is walked, let alone
+# its images decoded.
+MAX_ENTRIES = 1_000_000
+
+
 def index_folder(folder: str, field_name: str, class_names: list[str] | None = None) -> FolderIndex:
     """Every file under `folder/<class>/`, sorted; classes are the sorted
     subfolder names (or `class_names`, those of the training folder).
+
+    No symbolic link inside the folder is followed: a class folder that is
+    one is refused, a file or folder inside a class that is one is skipped
+    (and counted). Errors name the field and counts, never the folder's
+    entries (they reach job logs that others read).
 
     Args:
         folder: the tree's root.
         field_name: the spec field that names it, for errors.
         class_names: the classes to expect; default: the subfolders found.
     """
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise FieldError(field_name, f"no such folder: {root}")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        root = Path(folder).expanduser()
+        is_folder = root.is_dir()
+    except (RuntimeError, ValueError, OSError):  # '~nouser', a NUL byte
+        is_folder = False
+    if not is_folder:
+        raise FieldError(field_name, f"no such folder: {printable(folder)}")
+    subfolders = _entries(root, field_name, MAX_ENTRIES)
+    links = [entry for entry in subfolders if entry.is_symlink() and not entry.name.startswith(".")]
+    if links:
+        raise FieldError(field_name, f"{len(links)} of its subfolders or files are symbolic links; an image folder's "
+                                     "classes must be real folders inside it (no link is followed)")
+    found = sorted(entry.name for entry in subfolders
+                   if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
     names = class_names or found
-    if len(names) < 2:
-        raise FieldError(field_name, f"{root} needs a subfolder per class (at least 2); found {found or 'none'}")
-    files, labels, skipped = [], [], []
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise FieldError(field_name, f"needs a subfolder per class, from 2 to {MAX_CLASSES}; "
+                                     f"it has {len(found)} subfolders")
+    budget = MAX_ENTRIES - len(subfolders)
+    candidates: list[tuple[int, str]] = []
+    skipped: list[str] = []
     for label, name in enumerate(names):
-        for path in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES and is_readable_image(path):
-                files.append(str(path.resolve()))
-                labels.append(label)
-            else:
-                skipped.append(str(path))
+        paths, links, budget = _walk(root / name, field_name, budget)
+        skipped += links
+        candidates += [(label, path) for path in paths]
+    files, labels = [], []
+    for label, path in candidates:
+        if Path(path).suffix.lower() in IMAGE_SUFFIXES and is_readable_image(Path(path)):
+            files.append(str(Path(path).absolute()))
+            labels.append(label)
+        else:
+            skipped.append(path)
     if not files:
-        raise FieldError(field_name, f"{root} has no readable images in {', '.join(names)}")
+        raise FieldError(field_name, f"has no readable images in its {len(names)} class folders "
+                                     f"({len(skipped)} files skipped)")
     return FolderIndex(files, np.array(labels, np.int64), list(names), skipped)
+
+
+def _entries(folder: Path, field_name: str, budget: int) -> list[os.DirEntry]:
+    """The entries of one folder, at most `budget` of them (FieldError beyond)."""
+    entries = []
+    try:
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                entries.append(entry)
+                if len(entries) > budget:
+                    raise FieldError(field_name, f"holds more than {MAX_ENTRIES} files and folders, the most an "
+                                                 "image folder may (is it the right folder?)")
+    except OSError as exc:
+        raise FieldError(field_name, f"cannot list a folder inside it: {exc.strerror}") from None
+    return entries
+
+
+def _walk(folder: Path, field_name: str, budget: int) -> tuple[list[str], list[str], int]:
+    """(regular files, symbolic links skipped, budget left) under one class
+    folder, sorted, hidden entries left out, no link followed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return [], [], budget
+    files, links, stack = [], [], [folder]
+    while stack:
+        entries = _entries(stack.pop(), field_name, budget)
+        budget -= len(entries)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                links.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                files.append(entry.path)
+    return sorted(files), sorted(links), budget
 
 
 def split_folders(spec: DataSpec) -> ImageSplits:

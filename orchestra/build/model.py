@@ -71,6 +71,36 @@ def metric_names() -> list[str]:
     return sorted(set(registered) | set(_COMPILE_METRIC_ALIASES))
 
 
+# Layer arguments Keras resolves by name through a registry module's `get`,
+# by the argument's name (or its ending); the module's helpers and abstract
+# base classes are not values (`activation: "serialize"` crashed the build).
+_NAMED_ARGUMENTS = (("activation", "activations"), ("_initializer", "initializers"),
+                    ("_regularizer", "regularizers"), ("_constraint", "constraints"))
+_NOT_VALUES = frozenset({"get", "serialize", "deserialize", "Initializer", "Regularizer", "Constraint"})
+
+
+def registry_names(module: str) -> list[str]:
+    """The names a layer argument may take from `keras.<module>`: its
+    public functions and concrete classes (e.g. relu, glorot_uniform, L2)."""
+    registry = getattr(keras(), module)
+    return sorted(name for name in dir(registry)
+                  if not name.startswith("_") and name not in _NOT_VALUES and callable(getattr(registry, name)))
+
+
+def _argument_problems(index: int, arguments: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for key, value in arguments.items():
+        module = next((module for ending, module in _NAMED_ARGUMENTS
+                       if key == ending or (ending.startswith("_") and key.endswith(ending))), None)
+        if module is None or not isinstance(value, str):
+            continue
+        allowed = registry_names(module)
+        if value not in allowed:
+            problems.append((f"model.layers.{index}.{key}", f"unknown {module[:-1]} '{value}'"
+                                                            f"{_suggest(value, allowed)} (allowed: {', '.join(allowed)})"))
+    return problems
+
+
 def application_names() -> list[str]:
     """The model constructors of keras.applications (InceptionV3, …)."""
     applications = keras().applications
@@ -123,6 +153,7 @@ def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
                 f"unknown layer '{layer.type}'{_suggest(layer.type, layers)} "
                 "(allowed: any Layer class of keras.layers, e.g. Dense, Dropout, Flatten, Conv2D)",
             ))
+        problems += _argument_problems(i, layer.arguments)
     backbone = spec.model.backbone
     if backbone is not None:
         applications = application_names()
@@ -146,7 +177,24 @@ def check_keras_names(spec: JobSpec) -> list[tuple[str, str]]:
         if metric not in metrics:
             problems.append((f"compile.metrics.{i}", f"unknown metric '{metric}'"
                                                      f"{_suggest(metric, metrics)} (allowed: names in keras.metrics)"))
+        elif _metric_arguments(metric):
+            problems.append((f"compile.metrics.{i}", f"'{metric}' needs {', '.join(_metric_arguments(metric))}, "
+                                                     "which a metric given by name cannot have; choose another"))
     return problems
+
+
+def _metric_arguments(name: str) -> list[str]:
+    """The constructor arguments a metric class cannot do without (MeanIoU
+    needs num_classes); Mean, Sum and MeanTensor, which reduce any tensor
+    rather than compare labels and outputs, count as needing `values`."""
+    metric = getattr(keras().metrics, name, None)
+    if not inspect.isclass(metric):
+        return []
+    if "y_true" not in inspect.signature(metric.update_state).parameters:
+        return ["values (it reduces a tensor, not labels against outputs)"]
+    parameters = inspect.signature(metric.__init__).parameters.values()
+    return [p.name for p in parameters if p.name != "self" and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def make_optimizer(spec: OptimizerSpec):
@@ -159,28 +207,7 @@ def make_optimizer(spec: OptimizerSpec):
 def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution: int = 1):
     """The Sequential model the spec describes, compiled. Call it inside a
     distribution strategy's scope to get distributed variables."""
-    k = keras()
-    k.utils.set_random_seed(spec.seed)
-    shape = tuple(spec.model.input_shape) if spec.model.input_shape else input_shape
-    layers = []
-    for i, layer in enumerate(spec.model.layers):
-        try:
-            layers.append(getattr(k.layers, layer.type)(**layer.arguments))
-        except (TypeError, ValueError) as exc:
-            raise FieldError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
-    name = spec.name.replace("-", "_").replace(".", "_")
-    try:
-        if spec.model.backbone is None:
-            model = k.Sequential([k.Input(shape=shape), *layers], name=name)
-        else:
-            inputs, x = build_backbone(spec.model.backbone)
-            for layer in layers:
-                x = layer(x)
-            model = k.Model(inputs, x, name=name)
-    except FieldError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise FieldError("model.layers", str(exc).strip().splitlines()[0]) from None
+    model = assemble_model(spec, input_shape)
     try:
         optimizer = make_optimizer(spec.compile.optimizer_spec)
     except (TypeError, ValueError) as exc:
@@ -191,3 +218,38 @@ def build_model(spec: JobSpec, input_shape: tuple[int, ...], steps_per_execution
     except (TypeError, ValueError) as exc:
         raise FieldError("compile", str(exc)) from None
     return model
+
+
+def assemble_model(spec: JobSpec, input_shape: tuple[int, ...]):
+    """The spec's layers as a model, not compiled (built in a `tf.Graph`,
+    its weights are shapes only: what pre-flight sizes)."""
+    k = keras()
+    k.utils.set_random_seed(spec.seed)
+    shape = tuple(spec.model.input_shape) if spec.model.input_shape else input_shape
+    layers = []
+    for i, layer in enumerate(spec.model.layers):
+        try:
+            layers.append(getattr(k.layers, layer.type)(**layer.arguments))
+        except (TypeError, ValueError) as exc:
+            raise FieldError(f"model.layers.{i}", f"{layer.type}: {exc}") from None
+    name = spec.name.replace("-", "_").replace(".", "_")
+    if spec.model.backbone is None:
+        model, inputs, x = k.Sequential([k.Input(shape=shape)], name=name), None, None
+    else:
+        model, (inputs, x) = None, build_backbone(spec.model.backbone)
+    for i, layer in enumerate(layers):  # one at a time, so a layer that does not fit its input is named
+        try:
+            if model is not None:
+                model.add(layer)
+            else:
+                x = layer(x)
+        except (TypeError, ValueError) as exc:
+            raise FieldError(f"model.layers.{i}", f"{spec.model.layers[i].type}: {_reason(exc)}") from None
+    return model if model is not None else k.Model(inputs, x, name=name)
+
+
+def _reason(exc: Exception) -> str:
+    """The line of a Keras error that says why, not where."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    because = [line for line in lines if "Error:" in line or line.startswith(("total size", "Input 0"))]
+    return (because or lines or [type(exc).__name__])[-1][:300]

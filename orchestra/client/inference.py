@@ -2,17 +2,22 @@
 
 Both run in this process with plain Keras (no workers): the model is the
 job's best checkpoint when it has one, else the model training ended with.
+Storage is data, never code: the model is rebuilt from the job's spec and
+only its weights are read from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from orchestra.errors import FieldError, JobStateError, SpecError
+from orchestra.errors import FieldError, JobStateError, SpecError, StorageError
 from orchestra.spec import DataSpec, JobSpec, problems_of
 from orchestra.storage.folders import Storage, model_file, storage_root
 from orchestra.storage.record import JobRecord
@@ -33,9 +38,11 @@ def load_model(job_id: str, storage: str | None = None, checkpoint: str | None =
 
 
 def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
-    """`load_model` for a job record already read."""
+    """`load_model` for a job record already read. The model is rebuilt from
+    the job's spec (validated again) and only the weights are read from the
+    file: nothing in storage is code, so a `.keras` file's config is never
+    deserialized. JobStateError, naming the file, if the weights do not fit."""
     from orchestra.build.model import build_model
-    from orchestra.keras_compat import keras
 
     if checkpoint in (None, "final"):
         directory = record.model_path
@@ -48,16 +55,79 @@ def load_record_model(record: JobRecord, checkpoint: str | None = None) -> Any:
     if directory is None:
         raise JobStateError(f"job {record.job_id} ({record.state.value}) has no {checkpoint or 'final'} model")
     path = model_file(directory)
+    if path.is_symlink():
+        raise StorageError(f"job {record.job_id}: {path} is a symlink: refused")
     if not path.is_file():
         raise JobStateError(f"job {record.job_id}: its {checkpoint or 'final'} model is gone ({path} is missing)")
-    try:
-        if path.name.endswith(".keras"):
-            return keras().models.load_model(str(path))
-        model = build_model(JobSpec.model_validate(record.spec), tuple(record.input_shape))
-        model.load_weights(str(path))
-    except OSError as exc:
-        raise JobStateError(f"job {record.job_id}: cannot read {path}: {exc}") from None
+    model = build_model(_spec_without_files(record), tuple(record.input_shape))
+    load_weights_only(model, path, record.job_id)
     return model
+
+
+def _spec_without_files(record: JobRecord) -> JobSpec:
+    """The record's spec, validated again (the record is input too); its
+    backbone's weights file is left out: the job's own weights replace it."""
+    try:
+        spec = JobSpec.model_validate(record.spec)
+    except ValidationError as exc:
+        field, message = (problems_of(exc) or [("spec", str(exc))])[0]
+        raise StorageError(f"job {record.job_id}: the spec in its record is not valid ({field}: {message})") from None
+    backbone = spec.model.backbone
+    if backbone is None or backbone.weights is None:
+        return spec
+    backbone = backbone.model_copy(update={"weights": None})
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"backbone": backbone})})
+
+
+def load_weights_only(model, path: Path, job_id: str) -> None:
+    """Read the weights of `path` (`model.keras` or `model.weights.h5`) into
+    `model`. For both names tf-keras's `load_weights` reads only the weights
+    (saving_lib.load_weights_only: a `.keras` archive's `model.weights.h5`,
+    never its config or its modules); a `.keras` that is not a zip archive
+    would go another way, and HDF5 links to other files would be followed,
+    so both are refused here."""
+    if not stat.S_ISREG(path.lstat().st_mode):
+        raise StorageError(f"job {job_id}: {path} is not a regular file")
+    if path.name.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise JobStateError(f"job {job_id}: {path} is not a .keras archive")
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "build"):
+        optimizer.build(model.trainable_variables)  # the file's optimizer state has somewhere to go
+    try:
+        outside = link_out_of(path)
+        if outside is None:
+            model.load_weights(str(path))
+    except Exception as exc:  # noqa: BLE001 - h5py, zipfile and Keras raise many kinds for a file that does not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise JobStateError(f"job {job_id}: the weights in {path} do not fit the model its spec builds: "
+                            f"{first}") from None
+    if outside is not None:
+        raise StorageError(f"job {job_id}: {path} reads another file through its object {outside!r}: refused")
+
+
+def link_out_of(path: Path) -> str | None:
+    """The first object of the weights file `path` (of a `.keras` archive:
+    its `model.weights.h5`) that HDF5 would read from another file (an
+    external link, a virtual dataset), or None."""
+    import h5py
+
+    found: list[str] = []
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if path.name.endswith(".keras"):
+            source = stack.enter_context(stack.enter_context(zipfile.ZipFile(path)).open("model.weights.h5"))
+        weights = stack.enter_context(h5py.File(source, "r"))
+
+        def visit(name: str, link: Any) -> None:
+            if isinstance(link, h5py.ExternalLink):
+                found.append(name)
+            elif isinstance(link, h5py.HardLink):
+                target = weights.get(name)
+                if isinstance(target, h5py.Dataset) and target.is_virtual:
+                    found.append(name)
+
+        weights.visititems_links(visit)
+    return found[0] if found else None
 
 
 def load_job_model(job_id: str, storage: str | None = None, checkpoint: str | None = None):

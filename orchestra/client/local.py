@@ -15,6 +15,7 @@ import codecs
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,10 +26,21 @@ from orchestra.errors import StorageError
 from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
 from orchestra.storage.folders import Storage, check_job_id, new_job_id, storage_root
+from orchestra.storage.lease import (
+    SMALL_FILE_LIMIT,
+    Liveness,
+    Process,
+    probe,
+    request_stop,
+    start_ticks,
+    this_machine,
+)
+from orchestra.storage.paths import read_stored_text
 from orchestra.storage.record import JobState, JobStatus
 
 DRIVERS_DIR = ".drivers"
 DRIVER_EXIT_SECONDS = 10.0  # how long a follower waits for a finished job's driver to print its last lines
+STOP_ANSWER_BEATS = 3  # heartbeats `cancel` gives a driver to say it heard the stop request
 
 _children: dict[int, subprocess.Popen] = {}  # reaped on status, so none lingers as a zombie
 
@@ -84,7 +96,9 @@ class LocalJobs:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         _children[driver.pid] = driver
-        (self.drivers / f"{job_id}.pid").write_text(str(driver.pid))
+        # Which process, on which machine, started when: a pid alone may be reused, or another host's.
+        (self.drivers / f"{job_id}.pid").write_text(
+            Process(socket.gethostname(), driver.pid, this_machine(), start_ticks(driver.pid)).to_json())
         return driver
 
     def status(self, job_id: str) -> JobStatus:
@@ -156,25 +170,58 @@ class LocalJobs:
             time.sleep(poll_seconds)
 
     def cancel(self, job_id: str) -> None:
-        """SIGTERM to the driver, which records STOPPED and ends its workers.
-        Only a process that is this job's driver is signalled: a stale pid
-        file naming another process (a reused pid) is left alone."""
-        pid = self._pid(job_id)
-        if pid is None:
-            raise StorageError(f"job '{job_id}' was not started in the background: stop it with Ctrl-C "
-                               "in the terminal that runs it")
-        if _alive(pid) and _is_driver_of(pid, job_id):
-            os.kill(pid, signal.SIGTERM)
+        """Ask the job's driver to stop, as Ctrl-C would: it records STOPPED
+        and ends its workers. The request goes through the job folder (a
+        stop request its heartbeat polls), so it reaches a driver on any
+        host sharing the storage, or one in a terminal. Only a driver that
+        does not answer within a few heartbeats, or has not created its job
+        yet, is sent SIGTERM, and only if the process is that driver: on this
+        machine, started when its pid file says (a reused pid started
+        later), running orchestra's driver for this job."""
+        driver = self._driver(job_id)
+        try:
+            record = self.storage.read_record(job_id)
+        except StorageError:
+            if driver is None:
+                raise
+            record = None
+        if record is not None:
+            job_dir = self.storage.job_dir(job_id)
+            if record.state.is_terminal or probe(job_dir) is Liveness.FREE:
+                return  # it has ended, or its driver has ("driver lost"): nothing runs to be stopped
+            request_stop(job_dir, record.generation)
+            if self._stop_heard(job_id):
+                return
+        if driver is not None and driver.runs_here() and _is_driver_of(driver.pid, job_id):
+            os.kill(driver.pid, signal.SIGTERM)
+
+    def _stop_heard(self, job_id: str) -> bool:
+        """Whether the driver answered a stop request (its heartbeat says it
+        is stopping, its job ended, or it let the lease go) within a few beats."""
+        deadline = time.monotonic() + STOP_ANSWER_BEATS * heartbeat.interval_seconds() + 1.0
+        while time.monotonic() < deadline:
+            record = self.storage.read_record(job_id)
+            if (record.state.is_terminal or heartbeat.read_beat(self.storage, record).get("stopping")
+                    or probe(self.storage.job_dir(job_id)) is Liveness.FREE):
+                return True
+            time.sleep(0.2)
+        return False
 
     def _pid(self, job_id: str) -> int | None:
+        driver = self._driver(job_id)
+        return None if driver is None else driver.pid
+
+    def _driver(self, job_id: str) -> Process | None:
+        """The background driver its pid file names (an older file's bare pid: on no known host)."""
         path = self.drivers / f"{check_job_id(job_id)}.pid"
         try:
-            pid = int(path.read_text().strip())
+            text = read_stored_text(path, SMALL_FILE_LIMIT, f"the driver pid file of job '{job_id}'").strip()
+            driver = Process.from_json(text) if text.startswith("{") else Process("", int(text))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             raise StorageError(f"the driver pid file of job '{job_id}' is unreadable: {path}") from None
-        return pid if pid > 0 else None
+        return driver if driver.pid > 0 else None
 
 
 def _is_driver_of(pid: int, job_id: str) -> bool:

@@ -290,7 +290,9 @@ def _combined_status(info: Any, statuses: list[JobStatus]) -> JobStatus:
     message = (info.message or "").strip()
     if last is None:
         return _placeholder(info, JobState.FAILED, message or "the driver failed before writing a record")
-    return _update(last, info, JobState.FAILED, f"driver lost: {message or ray_state}")
+    # Ray appends the log's tail ("..., last available logs ...:"): here, the driver's own status lines.
+    cause = message.splitlines()[0].split(", last available logs", 1)[0] if message else ray_state
+    return _update(last, info, JobState.FAILED, f"driver lost: {cause}")
 
 
 def _placeholder(info: Any, state: JobState, reason: str) -> JobStatus:

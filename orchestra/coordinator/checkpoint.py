@@ -9,6 +9,7 @@ from typing import Any, Callable
 from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.monitor import Monitor, checkpoint_mode
 from orchestra.coordinator.protocol import CheckpointOrder, CheckpointRef, Decision
+from orchestra.errors import StorageError
 
 
 class Checkpoint(CoordinatorCallback):
@@ -60,6 +61,7 @@ class Checkpoint(CoordinatorCallback):
         self.best = self.monitor.worst
         self.saved: list[dict[str, Any]] = []  # {"epoch", "path", "value"}, oldest first
         self._pending: dict[int, float | None] = {}
+        self.before_delete: Callable[[], None] = lambda: None  # the driver's lease check (storage.lease)
 
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
         current = result.metrics.get(self.monitor.name)
@@ -80,6 +82,7 @@ class Checkpoint(CoordinatorCallback):
         keep = self.saved[-self.keep:] + ([best] if best else [])
         for entry in self.saved:
             if entry not in keep:
+                self.before_delete()
                 shutil.rmtree(entry["path"], ignore_errors=True)
         self.saved = [entry for entry in self.saved if entry in keep]
 
@@ -94,19 +97,28 @@ class Checkpoint(CoordinatorCallback):
         return best or (self.saved[-1] if self.saved else None)
 
     def state_dict(self) -> dict[str, Any]:
+        """The state saved with each checkpoint. Its folders are named as the
+        job folder holds them (`checkpoints/epoch-0007`), never by a path."""
         return {
             "best": self.best,
-            "saved": list(self.saved),
+            "saved": [{**entry, "path": _name_in_job(entry["path"])} for entry in self.saved],
             "pending": [[epoch, value] for epoch, value in self._pending.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Back to a saved state. The state comes from a file in storage, so
         it is data: a listed checkpoint counts only as this job's own folder
-        for its epoch (retention deletes what is listed, so nothing else may be)."""
-        self.best = state["best"]
-        self.saved = [own for own in map(self._own, state["saved"]) if own is not None]
-        self._pending = {epoch: value for epoch, value in state["pending"]}
+        for its epoch (retention deletes what is listed, so nothing else may
+        be), and values of the wrong kind are a StorageError."""
+        best, saved, pending = state.get("best"), state.get("saved"), state.get("pending")
+        if (not _is_number(best) or not isinstance(saved, list) or not isinstance(pending, list)
+                or not all(isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
+                           and (pair[1] is None or _is_number(pair[1])) for pair in pending)):
+            raise StorageError('a checkpoint\'s state for Checkpoint is not {"best": <number>, "saved": [...], '
+                               '"pending": [[<epoch>, <number or null>], ...]}')
+        self.best = float(best)
+        self.saved = [own for own in map(self._own, saved) if own is not None]
+        self._pending = {epoch: value for epoch, value in pending}
 
     def _own(self, entry: Any) -> dict[str, Any] | None:
         """`entry` with its path as this job's checkpoint folder of its epoch, or None."""
@@ -117,8 +129,18 @@ class Checkpoint(CoordinatorCallback):
             return None
         if Path(str(entry["path"])).name != folder.name or folder.is_symlink() or not folder.is_dir():
             return None
-        return {"epoch": epoch, "path": str(folder), "value": value if isinstance(value, (int, float)) else None}
+        return {"epoch": epoch, "path": str(folder), "value": value if _is_number(value) else None}
 
     def record_fields(self) -> dict[str, Any]:
         best = self.best_entry
         return {"checkpoints": list(self.saved), "best_checkpoint": best["path"] if best else None}
+
+
+def _name_in_job(path: str) -> str:
+    """A checkpoint folder by its name inside the job folder: `checkpoints/epoch-0007`."""
+    folder = Path(path)
+    return f"{folder.parent.name}/{folder.name}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -24,6 +24,7 @@ from orchestra.spec import JobSpec
 
 if TYPE_CHECKING:
     from orchestra.build.images import ImageSplits
+    from orchestra.storage.lease import Fence
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class WorkerConfig:
         tensorboard_dir: the job's TensorBoard folder (weight histograms).
         images: the image files the driver found readable (an `ImageSplits`), or None.
         channel: the channel actor's handle (None in the in-process run).
+        lease: the driver's lease generation, which the chief checks before
+            it publishes a checkpoint or the model (None: unchecked).
     """
 
     spec: JobSpec
@@ -55,6 +58,7 @@ class WorkerConfig:
     tensorboard_dir: str
     images: ImageSplits | None = None
     channel: Any = None
+    lease: Fence | None = None
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 from orchestra.coordinator.protocol import CheckpointRef
 from orchestra.driver.console import Console
 from orchestra.driver.preflight import Prepared, preflight
-from orchestra.driver.ray_runtime import cluster_address
 from orchestra.driver.resume import check_resumable, check_same_classes, reopen
 from orchestra.errors import OrchestraError, SpecError
 from orchestra.spec import load_spec, parse_spec
 from orchestra.storage import status_lines
 from orchestra.storage.folders import Storage, storage_root
+from orchestra.storage.lease import LeaseLost
 from orchestra.storage.record import JobRecord, JobState
 
 EXIT_OK, EXIT_JOB_FAILED = 0, 1
@@ -43,7 +43,7 @@ def prepare_new(spec_path: str, *, workers: int | None = None, storage: str | No
         raise SpecError([("--workers", "does not go with --in-process, which trains in one process")], spec_path)
     spec = load_spec(spec_path).with_overrides(workers=workers, storage=storage, source=spec_path)
     return preflight(spec, storage=storage, datasets=datasets, source=spec_path,
-                     check_cluster=not in_process and cluster_address() is None)
+                     check_cluster=not in_process)
 
 
 def prepare_resume(job_id: str, *, storage: str | None = None,
@@ -53,7 +53,7 @@ def prepare_resume(job_id: str, *, storage: str | None = None,
     root = storage_root(storage)
     record = check_resumable(Storage(root), job_id)
     prepared = preflight(parse_spec(json.dumps(record.spec), job_id), storage=str(root), datasets=datasets,
-                         source=job_id, check_cluster=record.mode == "ray" and cluster_address() is None)
+                         source=job_id, check_cluster=record.mode == "ray")
     check_same_classes(record, prepared.images.train.class_names if prepared.images else None)
     record, checkpoint = reopen(prepared.storage, job_id)
     return prepared, record, checkpoint
@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestraError as exc:
         print(f"orchestra: {exc}", file=sys.stderr)
         return exc.exit_code
-    record = drive(prepared, record, checkpoint, Console(sys.stdout, progress_lines=args.status_lines))
+    try:
+        record = drive(prepared, record, checkpoint, Console(sys.stdout, progress_lines=args.status_lines))
+    except LeaseLost as exc:  # another driver took the job over: its record is that driver's now
+        print(f"orchestra: {exc}", file=sys.stderr)
+        return exc.exit_code
     if not args.status_lines:  # a client reading the status lines prints its own summary
         print(record.status().summary(), flush=True)
     return exit_code(record)

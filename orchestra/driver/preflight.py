@@ -6,13 +6,16 @@ registries, the data files, the storage root and the cluster's size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestra.build import data as data_lib
 from orchestra.build.images import ImageSplits, split_folders
+from orchestra.driver.ray_runtime import check_embedded_auth, cluster_nodes
+from orchestra.driver.resources import fit_problems, footprint, this_machine
+from orchestra.driver.trial import Sample, trial_step
 from orchestra.errors import FieldError, SpecError, StorageError
 from orchestra.spec import JobSpec
 from orchestra.storage.folders import Storage, storage_root
@@ -74,9 +77,15 @@ def preflight(
     """Raise SpecError listing every problem, or return what dispatch needs.
 
     Args:
+        available_cpus: this machine's CPUs as an embedded Ray would have
+            them (default: the machine's count).
+        check_cluster: check the job against the cluster it will run on
+            (the Ray cluster this process is a job driver of, else this
+            machine's embedded Ray): memory, CPUs, GPUs.
         check_files: False checks everything but the files the spec names
             (data, weights) and the storage, for a spec written for
-            another machine's storage (`validate --schema-only`).
+            another machine's storage (`validate --schema-only`); the
+            trial step then takes generated examples.
     """
     from orchestra.build.model import build_model, check_keras_names
 
@@ -90,43 +99,68 @@ def preflight(
     except StorageError as exc:
         problems.append(("storage", str(exc)))
 
-    needed = spec.scaling.workers * spec.scaling.cpus_per_worker
-    capacity = available_cpus if available_cpus is not None else float(os.cpu_count() or 1)
-    if check_cluster and needed > capacity:
-        problems.append((
-            "scaling.workers",
-            f"{spec.scaling.workers} workers x {spec.scaling.cpus_per_worker:g} CPU need {needed:g} CPUs "
-            f"but the cluster has {capacity:g}: use at most {int(capacity // spec.scaling.cpus_per_worker)} workers "
-            "or fewer scaling.cpus_per_worker",
-        ))
-
     directory = data_lib.datasets_dir(datasets)
-    npz_path, images, dropped, input_shape = None, None, 0, ()
+    found = DataFound()
     summary: list[str] = []
     try:
         if check_files:
-            npz_path, images, dropped, data_shape = _inspect_data(spec, directory)
-            input_shape, to_build = tuple(spec.model.input_shape or data_shape), spec
+            found = _inspect_data(spec, directory)
+            input_shape, to_build = tuple(spec.model.input_shape or found.shape), spec
         else:
             known_shape = spec.data.images.image_shape if spec.data.images else spec.model.input_shape
             input_shape = tuple(known_shape or ())
             # Without the data, the model is built only where its input shape is known without it.
             to_build = _without_files(spec) if known_shape or spec.model.backbone else None
         if not problems and to_build is not None:
-            build_model(to_build, input_shape).summary(print_fn=summary.append)
+            problems += _resource_problems(to_build, input_shape, found.nbytes, check_cluster, available_cpus)
+        if not problems and to_build is not None:
+            model = build_model(to_build, input_shape)
+            model.summary(print_fn=summary.append)
+            trial_step(spec, model, found.sample or Sample.generated(spec, model))
     except FieldError as exc:
         problems.append((exc.field, str(exc)))
 
     if problems:
         raise SpecError(problems, source)
-    return Prepared(spec, root, npz_path, directory, dropped, input_shape, "\n".join(summary), images)
+    return Prepared(spec, root, found.npz_path, directory, found.dropped, input_shape, "\n".join(summary),
+                    found.images)
 
 
-def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSplits | None, int, tuple[int, ...]]:
+def _resource_problems(spec: JobSpec, input_shape: tuple[int, ...], data_bytes: int, check_cluster: bool,
+                       available_cpus: float | None) -> list[tuple[str, str]]:
+    """The job against the cluster it will run on; without the cluster
+    (in-process, schema only), against this machine's memory, where the
+    driver builds the model and runs the trial step."""
+    need = footprint(spec, input_shape, data_bytes)
+    machine = this_machine()
+    if available_cpus is not None:
+        machine = dataclasses.replace(machine, cpus=available_cpus)
+    if not check_cluster:
+        return fit_problems(spec, need, [machine], fixed=False)[:1] if need.total > machine.memory else []
+    nodes = cluster_nodes(show_worker_output=spec.fit.verbose > 0)
+    if not nodes:
+        check_embedded_auth()
+    return fit_problems(spec, need, nodes or [machine], fixed=not nodes)
+
+
+@dataclass
+class DataFound:
+    """What reading the spec's data found (nothing, when it was not read)."""
+
+    npz_path: Path | None = None
+    images: ImageSplits | None = None
+    dropped: int = 0
+    shape: tuple[int, ...] = ()
+    nbytes: int = 0
+    sample: Sample | None = None
+
+
+def _inspect_data(spec: JobSpec, directory: Path) -> DataFound:
     """Read the data the spec names and check it against the batch size and
-    the workers: (npz path, image splits, examples dropped per epoch, shape
-    of one example). Raises FieldError naming the field."""
-    npz_path, images = None, None
+    the workers: where it is, examples dropped per epoch, the shape of one
+    example, the bytes a worker holds, two examples for the trial step.
+    Raises FieldError naming the field."""
+    npz_path, images, nbytes = None, None, 0
     if spec.data.images is not None:
         images = split_folders(spec.data)
         sizes = {"training": len(images.train.files),
@@ -137,6 +171,7 @@ def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSpl
         arrays = data_lib.prepare(spec.data, npz_path, directory)
         sizes = {"training": len(arrays.x_train), "validation": _len(arrays.x_val), "test": _len(arrays.x_test)}
         data_shape = arrays.input_shape
+        nbytes = sum(a.nbytes for a in vars(arrays).values() if a is not None)
     if sizes["training"] < spec.fit.batch_size:
         raise data_lib.FieldError(
             "fit.batch_size", f"{spec.fit.batch_size} is larger than the {sizes['training']} training examples")
@@ -145,7 +180,8 @@ def _inspect_data(spec: JobSpec, directory: Path) -> tuple[Path | None, ImageSpl
             raise data_lib.FieldError(
                 "data", f"the {name} set has {size} examples, fewer than the {spec.scaling.workers} workers")
     dropped = sizes["training"] % spec.fit.batch_size if spec.fit.steps_per_epoch is None else 0
-    return npz_path, images, dropped, data_shape
+    sample = Sample.of_images(spec, images.train) if images else Sample.of_arrays(arrays.x_train, arrays.y_train)
+    return DataFound(npz_path, images, dropped, data_shape, nbytes, sample)
 
 
 def _len(array) -> int | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+from orchestra.driver.resources import Node
+from orchestra.errors import ClusterError
+
 
 def cluster_address() -> str | None:
     """The GCS address of the Ray cluster this process is a job driver of
@@ -29,11 +32,40 @@ def ensure_ray(show_worker_output: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=show_worker_output, configure_logging=False)
     else:
+        check_embedded_auth()
         ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
                  configure_logging=False)
+
+
+def check_embedded_auth() -> None:
+    """An embedded Ray's servers listen on every interface (Ray has no
+    setting that binds them to loopback): its token is what keeps other
+    machines out, so turning it off is refused."""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        raise ClusterError("RAY_AUTH_MODE=disabled is refused for the embedded Ray on this machine: its servers "
+                           "listen on every interface and its token keeps other machines out; unset it")
 
 
 def total_cpus() -> float:
     import ray
 
     return ray.cluster_resources().get("CPU", 0)
+
+
+def cluster_nodes(show_worker_output: bool = False) -> list[Node]:
+    """The live nodes of the Ray cluster this process is a job driver of
+    (connecting to it), or [] for an embedded Ray: this machine."""
+    if cluster_address() is None:
+        return []
+    import ray
+
+    ensure_ray(show_worker_output)
+    nodes = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node.get("Resources", {})
+            # Ray's `memory` is what it lets tasks have: the node's memory less its object store.
+            memory = resources.get("memory", 0) + resources.get("object_store_memory", 0)
+            nodes.append(Node(str(node.get("NodeManagerAddress", "?")), float(resources.get("CPU", 0)),
+                              int(memory), float(resources.get("GPU", 0))))
+    return nodes

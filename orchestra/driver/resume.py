@@ -16,20 +16,37 @@ import re
 import time
 
 from orchestra.coordinator.protocol import CheckpointRef
-from orchestra.driver.run import process_started_at
+from orchestra.driver.run import own, process_started_at
 from orchestra.errors import JobStateError
 from orchestra.storage import heartbeat
 from orchestra.storage.folders import CHECKPOINT_STATE_FILE, Storage
+from orchestra.storage.lease import (
+    Lease,
+    Liveness,
+    clear_stop_request,
+    owned_elsewhere,
+    probe,
+)
+from orchestra.storage.paths import resolve_stored
 from orchestra.storage.record import JobRecord, JobState
 
 RESUMABLE = (JobState.STOPPED, JobState.FAILED)
 _CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
 
 
-def check_resumable(storage: Storage, job_id: str) -> JobRecord:
-    """The job's record, as a reader sees it (a lost driver is FAILED);
-    JobStateError unless it is STOPPED or FAILED."""
-    record = heartbeat.checked(storage.read_record(job_id, history=True), storage)
+def check_resumable(storage: Storage, job_id: str, owned: Lease | None = None) -> JobRecord:
+    """The job's record, as a reader sees it (a lost driver is FAILED), or
+    as the new owner sees it when this process holds its lease (`owned`:
+    every driver before it has ended). LeaseHeld ("job X is owned by a live
+    driver on HOST, pid N") if another process holds the lease;
+    JobStateError unless the job is STOPPED or FAILED."""
+    record = storage.read_record(job_id, history=True)
+    if owned is not None:
+        record = heartbeat.as_new_owner_sees(record)
+    else:
+        record = heartbeat.checked(record, storage)
+        if not record.state.is_terminal and probe(storage.job_dir(job_id)) is Liveness.HELD:
+            raise owned_elsewhere(storage.job_dir(job_id), job_id)
     if record.state not in RESUMABLE:
         raise JobStateError(f"job {job_id} is {record.state.value}: only STOPPED or FAILED jobs can be resumed")
     return record
@@ -38,12 +55,18 @@ def check_resumable(storage: Storage, job_id: str) -> JobRecord:
 def latest_checkpoint(storage: Storage, job_id: str) -> CheckpointRef | None:
     """The newest complete checkpoint, or None.
     Complete: published (not a staging folder) with its callback state.
-    Found on disk, so a checkpoint saved just before the driver died counts."""
-    folder = storage.job_dir(job_id) / "checkpoints"
+    Found on disk, so a checkpoint saved just before the driver died counts.
+    Storage is input: a checkpoints folder, a checkpoint or its state that is
+    a symlink is a StorageError, never followed."""
+    folder = resolve_stored(storage.job_dir(job_id), "checkpoints", "the checkpoints folder")
     found = []
     for path in folder.glob("epoch-*") if folder.is_dir() else ():
         match = _CHECKPOINT_DIR.match(path.name)
-        if match and (path / CHECKPOINT_STATE_FILE).is_file():
+        if match is None:
+            continue
+        state = resolve_stored(storage.job_dir(job_id), f"checkpoints/{path.name}/{CHECKPOINT_STATE_FILE}",
+                               "a checkpoint's state")
+        if state.is_file():
             found.append((int(match.group(1)), path))
     if not found:
         return None
@@ -60,12 +83,24 @@ def check_same_classes(record: JobRecord, class_names: list[str] | None) -> None
 
 
 def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, CheckpointRef | None]:
-    """Turn a STOPPED or FAILED job back to PENDING, owned by this process;
-    return its record and the checkpoint it resumes from."""
-    record = check_resumable(storage, job_id)
-    checkpoint = latest_checkpoint(storage, job_id)
-    record.reopen(checkpoint.epoch if checkpoint else 0)
-    record.startup = {"process": process_started_at(), "checked": time.time()}
-    heartbeat.claim(record)
-    storage.write_record(record)
+    """Take the job's lease without waiting (LeaseHeld if a live driver
+    holds it) and, under it, turn a STOPPED or FAILED job (or one whose
+    driver is gone) back to PENDING, owned by this process with the next
+    generation; return its record and the checkpoint it resumes from."""
+    last = storage.read_record(job_id)  # no such job: nothing is written into a folder
+    owned = Lease.acquire(storage.job_dir(job_id), job_id, last.generation)
+    try:
+        record = check_resumable(storage, job_id, owned)
+        clear_stop_request(storage.job_dir(job_id))  # a cancel of the driver before
+        storage.sweep_staging(job_id)  # what crashed writers left; a checkpoint set aside mid-publish comes back
+        checkpoint = latest_checkpoint(storage, job_id)
+        record.reopen(checkpoint.epoch if checkpoint else 0)
+        record.startup = {"process": process_started_at(), "checked": time.time()}
+        heartbeat.claim(record)
+        own(storage, record, owned)
+        storage.write_record(record)
+    except BaseException:
+        storage.fences.pop(job_id, None)
+        owned.release()
+        raise
     return record, checkpoint

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import threading
 import time
 from typing import Callable
 
-from orchestra.coordinator import Coordinator, EpochResult
+from orchestra.coordinator import Checkpoint, Coordinator, EpochResult
 from orchestra.coordinator.protocol import CheckpointRef, EpochReports, WorkerConfig
 from orchestra.driver.callbacks import make_callbacks
 from orchestra.driver.preflight import Prepared
 from orchestra.driver.ray_runtime import ensure_ray, total_cpus
-from orchestra.driver.signals import stop_on_signals
-from orchestra.errors import StorageWriteError
+from orchestra.driver.signals import stop_main_thread, stop_on_signals
+from orchestra.errors import OrchestraError, StorageWriteError
 from orchestra.keras_compat import TENSORFLOW_ENV
 from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
+from orchestra.storage.folders import Storage
+from orchestra.storage.lease import Lease, LeaseLost, held, start_ticks
 from orchestra.storage.record import JobProgress, JobRecord
 
 POLL_SECONDS = 0.5
@@ -35,11 +38,17 @@ OnStep = Callable[[JobProgress], None]
 
 
 def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None) -> JobRecord:
-    """The job's folder and PENDING record: the first thing written. A job
-    submitted through a client comes with the id the client returned."""
+    """The job's folder, its lease (this process owns the job from here on)
+    and PENDING record: the first things written. A job submitted through a
+    client comes with the id the client returned."""
     spec = prepared.spec
     job_id = job_id or prepared.storage.new_job_id(spec.name)
-    prepared.storage.create_job_dir(job_id)
+    job_dir = prepared.storage.create_job_dir(job_id)
+    try:
+        owned = Lease.acquire(job_dir, job_id)
+    except OrchestraError:  # a storage without locks: nothing is left behind
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
     record = JobRecord(
         job_id=job_id,
         name=spec.name,
@@ -50,6 +59,7 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
         input_shape=list(prepared.input_shape),
     )
     heartbeat.claim(record)
+    own(prepared.storage, record, owned)
     record.startup = {"process": process_started_at(), "checked": time.time()}
     if prepared.images is not None:
         record.class_names = prepared.images.train.class_names
@@ -61,9 +71,10 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
 
 def process_started_at() -> float:
     """When this process started (Unix time), from Linux's /proc; now elsewhere."""
+    ticks = start_ticks()
+    if ticks is None:
+        return time.time()
     try:
-        with open("/proc/self/stat") as stat:
-            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/stat") as system:
             boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
@@ -71,11 +82,21 @@ def process_started_at() -> float:
         return time.time()
 
 
+def own(storage: Storage, record: JobRecord, owned: Lease) -> None:
+    """Make the record this lease's: its generation, checked before each
+    write of the record or its history from now on."""
+    record.generation = owned.generation
+    storage.fences[record.job_id] = owned.check
+
+
 def _coordinator(prepared: Prepared, record: JobRecord, progress: Progress, on_step: OnStep,
                  beat: heartbeat.Heartbeat, resume_from: CheckpointRef | None) -> Coordinator:
     storage, job_id = prepared.storage, record.job_id
     callbacks = make_callbacks(prepared.spec, lambda epoch: storage.checkpoint_dir(job_id, epoch),
                                storage.tensorboard_dir(job_id), record.workers, prepared.model_summary)
+    for callback in callbacks:
+        if isinstance(callback, Checkpoint) and beat.lease is not None:
+            callback.before_delete = beat.lease.check  # retention deletes only while the job is ours
 
     def step(current: JobProgress) -> None:
         beat.progress = current
@@ -88,7 +109,7 @@ def _coordinator(prepared: Prepared, record: JobRecord, progress: Progress, on_s
     return coordinator
 
 
-def _worker_config(prepared: Prepared, record: JobRecord, channel=None) -> WorkerConfig:
+def _worker_config(prepared: Prepared, record: JobRecord, beat: heartbeat.Heartbeat, channel=None) -> WorkerConfig:
     storage = prepared.storage
     return WorkerConfig(
         spec=prepared.spec,
@@ -98,6 +119,7 @@ def _worker_config(prepared: Prepared, record: JobRecord, channel=None) -> Worke
         tensorboard_dir=str(storage.tensorboard_dir(record.job_id)),
         images=prepared.images,
         channel=channel,
+        lease=beat.lease.fence if beat.lease is not None else None,
     )
 
 
@@ -112,11 +134,11 @@ def run_in_process(prepared: Prepared, record: JobRecord, progress: Progress = l
     from orchestra.worker.loop import train
 
     stop_on_signals()
-    with _record_outcome(prepared, record) as beat:
+    with record_outcome(prepared.storage, record) as beat:
         coordinator = _coordinator(prepared, record, progress, on_step, beat, resume_from)
-        train(_worker_config(prepared, record), 0, 1, tensorflow().distribute.get_strategy(),
+        train(_worker_config(prepared, record, beat), 0, 1, tensorflow().distribute.get_strategy(),
               LocalChannel(coordinator, resume_from))
-        _end(prepared, record, record.finish)
+        _end(prepared.storage, record, record.finish)
     return record
 
 
@@ -135,33 +157,53 @@ def run_job(prepared: Prepared, record: JobRecord, progress: Progress = lambda r
         on_step: called with the running epoch's progress, about once a second.
     """
     stop_on_signals()  # while Ray starts, too; again once it has (_run_on_ray)
-    with _record_outcome(prepared, record) as beat:
+    with record_outcome(prepared.storage, record) as beat:
         _run_on_ray(prepared, record, progress, on_step, beat, resume_from)
     return record
 
 
 @contextlib.contextmanager
-def _record_outcome(prepared: Prepared, record: JobRecord):
-    """A job that ends by an exception is recorded as STOPPED (Ctrl-C or
-    SIGTERM, which goes on up) or FAILED with the error (which the record
-    now tells). The heartbeat beats meanwhile."""
-    with heartbeat.Heartbeat(record, prepared.storage) as beat:
-        try:
-            yield beat
-        except KeyboardInterrupt:
-            _end(prepared, record, record.stop, f"interrupted after epoch {record.epochs_completed}")
-            raise
-        except Exception as exc:  # noqa: BLE001 - the record carries it
-            _end(prepared, record, record.fail, f"{type(exc).__name__}: {exc}"[:2000])
+def record_outcome(storage: Storage, record: JobRecord):
+    """The driver's hold on a running job, a context manager that yields
+    its `Heartbeat`. A job that ends by an exception is recorded as STOPPED
+    (Ctrl-C, SIGTERM or `orchestra cancel`, which goes on up) or FAILED with
+    the error (which the record now tells). A driver whose job another has
+    taken over writes nothing more: LeaseLost goes on up instead. The lease
+    is let go at the end."""
+    owned = held(storage.job_dir(record.job_id))
+    if owned is None:  # a record made elsewhere (create_job and reopen take the lease themselves)
+        owned = Lease.acquire(storage.job_dir(record.job_id), record.job_id, record.generation)
+        own(storage, record, owned)
+    # A driver in the main thread is stopped as by SIGTERM; in another thread, `_drive` notices.
+    in_main = threading.current_thread() is threading.main_thread()
+    try:
+        with heartbeat.Heartbeat(record, storage, lease=owned,
+                                 on_stop=lambda reason: in_main and stop_main_thread()) as beat:
+            try:
+                yield beat
+            except KeyboardInterrupt:
+                if beat.lost is not None:
+                    raise beat.lost from None
+                _end(storage, record, record.stop, f"interrupted after epoch {record.epochs_completed}")
+                raise
+            except LeaseLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the record carries it
+                if beat.lost is not None:
+                    raise beat.lost from None
+                _end(storage, record, record.fail, f"{type(exc).__name__}: {exc}"[:2000])
+    finally:
+        storage.fences.pop(record.job_id, None)
+        owned.release()
 
 
-def _end(prepared: Prepared, record: JobRecord, move: Callable[..., None], *reason: str) -> None:
+def _end(storage: Storage, record: JobRecord, move: Callable[..., None], *reason: str) -> None:
     """Make the record's last move (`record.finish`, `.fail`, `.stop`) and write it."""
     if record.state.is_terminal:
         return
     move(*reason)
     try:
-        prepared.storage.write_record(record)
+        storage.write_record(record)
     except StorageWriteError as exc:
         # Nothing else can tell it: once this process has ended, readers see "driver lost".
         print(f"orchestra: job {record.job_id} ended {record.state.value} ({record.reason}) but {exc}",
@@ -188,7 +230,7 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress, on_st
     coordinator = _coordinator(prepared, record, progress, on_step, beat, resume_from)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config={"worker": _worker_config(prepared, record, channel)},
+        train_loop_config={"worker": _worker_config(prepared, record, beat, channel)},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.workers,
             use_gpu=spec.scaling.use_gpu,
@@ -216,13 +258,13 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress, on_st
     thread = threading.Thread(target=fit, name=f"fit-{record.job_id}", daemon=True)
     thread.start()
     try:
-        _drive(channel, coordinator, thread)
+        _drive(channel, coordinator, thread, beat)
     finally:
         ray.kill(channel)  # releases any worker still waiting for a decision
     if failure:
-        _end(prepared, record, record.fail, _error_text(failure[0]))
+        _end(storage, record, record.fail, _error_text(failure[0]))
     else:
-        _end(prepared, record, record.finish)
+        _end(storage, record, record.finish)
 
 
 def _waiting_reason(spec: JobSpec) -> str:
@@ -230,11 +272,15 @@ def _waiting_reason(spec: JobSpec) -> str:
             f"(the cluster has {total_cpus():g} CPU in all)")
 
 
-def _drive(channel, coordinator: Coordinator, thread: threading.Thread) -> None:
-    """Answer the channel's events until training has ended and all is read."""
+def _drive(channel, coordinator: Coordinator, thread: threading.Thread, beat: heartbeat.Heartbeat) -> None:
+    """Answer the channel's events until training has ended and all is read,
+    or the heartbeat says stop (a driver run outside the main thread, which
+    no signal reaches)."""
     import ray
 
     while True:
+        if beat.stop_reason is not None:
+            raise KeyboardInterrupt(beat.stop_reason)
         training = thread.is_alive()  # before the read: an event sent as training ends is still read
         events = ray.get(channel.next_events.remote(POLL_SECONDS))
         if not events and not training:

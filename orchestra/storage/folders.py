@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
@@ -22,9 +24,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from pydantic import TypeAdapter
 
 from orchestra.errors import StorageError, StorageWriteError
+from orchestra.storage.paths import read_stored_text
 from orchestra.storage.record import JobRecord
 
 STORAGE_ENV = "ORCHESTRA_STORAGE"
@@ -35,6 +40,14 @@ CHECKPOINT_STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"
 BEST_WEIGHTS_FILE = "best_weights.npz"
+# What a publish leaves in a folder while it writes, and what it sets aside while it switches.
+STAGING_PREFIX = ".staging-"
+OLD_PREFIX = ".old-"
+# Sizes past which a file in storage is refused unread (a record is a few kB).
+RECORD_LIMIT = 16 << 20
+STATE_LIMIT = 16 << 20
+HISTORY_LIMIT = 256 << 20
+_HISTORY_ENTRY = TypeAdapter(dict[str, int | float])
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -43,7 +56,12 @@ def storage_root(override: str | None = None, spec_storage: str | None = None) -
     raw = override or os.environ.get(STORAGE_ENV) or spec_storage or DEFAULT_STORAGE
     if "://" in raw and not raw.startswith("file://"):
         raise StorageError(f"storage '{raw}': only local or mounted shared paths are supported (file:// or a path)")
-    return Path(raw.removeprefix("file://")).expanduser().absolute()
+    if "\x00" in raw:
+        raise StorageError(f"storage {raw!r}: a path cannot hold a NUL character")
+    try:
+        return Path(raw.removeprefix("file://")).expanduser().absolute()
+    except RuntimeError:  # '~name' of a user this machine does not know
+        raise StorageError(f"storage '{raw}': no such user's home; give an absolute path") from None
 
 
 def check_job_id(job_id: str) -> str:
@@ -107,20 +125,92 @@ def fsync_directory(directory: Path) -> None:
 
 def publish_directory(staging: Path, final: Path) -> None:
     """Make a fully written staging folder visible under its final name.
-    On failure the staging folder is removed (a full disk gets its space
-    back) and StorageWriteError names `final`."""
+    If `final` exists (an epoch saved again, the model of a resumed job) the
+    two are switched, so a complete folder is there at every moment, and
+    the old one is removed after. On failure the staging folder is removed
+    (a full disk gets its space back) and StorageWriteError names `final`."""
     try:
         for file in staging.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        fsync_directory(staging)
+        if final.is_symlink() or not final.exists():
+            os.replace(staging, final)
+            fsync_directory(final.parent)
+            return
+        old = staging
+        if not _exchange(staging, final):  # no atomic switch here: the old one steps aside, then the new one in
+            old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                os.replace(old, final)
+                raise
         fsync_directory(final.parent)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise StorageWriteError.of(final, exc) from exc
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with
+    RENAME_EXCHANGE); False where the system or the filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+def sweep_folder(folder: Path) -> list[str]:
+    """Tidy what crashed publishes left in `folder`: staging folders are
+    removed, a folder set aside by a publish that did not finish goes back
+    under its name if nothing took it (else it is removed). Symlinks are
+    removed, never followed. Returns the names removed or restored."""
+    swept = []
+    for path in sorted(folder.glob(".*")) if folder.is_dir() and not folder.is_symlink() else ():
+        if path.name.startswith(OLD_PREFIX):
+            original = folder / path.name[len(OLD_PREFIX):].rpartition("-")[0]
+            if (not path.is_symlink() and path.is_dir() and _JOB_ID.fullmatch(original.name)
+                    and not original.exists() and not original.is_symlink()):
+                os.replace(path, original)
+                swept.append(path.name)
+                continue
+        elif not path.name.startswith(STAGING_PREFIX):
+            continue
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        swept.append(path.name)
+    if swept:
+        fsync_directory(folder)
+    return swept
+
+
+def _history_entry(line: str) -> dict[str, int | float]:
+    """One line of history.jsonl: numbers by name, with the epoch; ValueError if not."""
+    entry = _HISTORY_ENTRY.validate_json(line)
+    if type(entry.get("epoch")) is not int:
+        raise ValueError("an entry without its epoch")
+    return entry
+
+
+def _unfenced() -> None:
+    """No lease to check: a job this process does not drive."""
 
 
 class Storage:
@@ -132,6 +222,8 @@ class Storage:
         self.on_write: Callable[[JobRecord], None] | None = None
         # Writes from more than one thread (a driver's callbacks and its signal handling) land in order.
         self._write_lock = threading.Lock()
+        # Per job, checked before each record or history write: its driver's lease (storage.lease.Fence.check).
+        self.fences: dict[str, Callable[[], None]] = {}
 
     def check_writable(self) -> None:
         try:
@@ -166,27 +258,41 @@ class Storage:
     def tensorboard_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "tensorboard"
 
+    def sweep_staging(self, job_id: str) -> list[str]:
+        """Remove the staging folders crashed drivers and workers left in the
+        job's folder and its checkpoints, and put back a checkpoint or model
+        a crash left set aside mid-publish. Only for the job's one owner,
+        when it (re)starts: a live writer's staging folder would go too."""
+        job_dir = self.job_dir(job_id)
+        if job_dir.is_symlink():
+            raise StorageError(f"the folder of job '{job_id}' ({job_dir}) is a symlink: refused")
+        try:
+            return sweep_folder(job_dir) + sweep_folder(job_dir / "checkpoints")
+        except OSError as exc:
+            raise StorageWriteError.of(job_dir, exc) from exc
+
     def write_record(self, record: JobRecord) -> None:
         """Write the record atomically (without its history, which
         `append_history` keeps) and announce it to `on_write`."""
         with self._write_lock:  # serialised inside the lock: writes land in the order of their contents
-            atomic_write_text(self.job_dir(record.job_id) / RECORD_FILE, record.model_dump_json(indent=1))
+            self.fences.get(record.job_id, _unfenced)()
+            job_dir = self.job_dir(record.job_id)
+            atomic_write_text(job_dir / RECORD_FILE, record.stored(job_dir))
         if self.on_write is not None:
             self.on_write(record)
 
     def read_record(self, job_id: str, history: bool = False) -> JobRecord:
         """The job's record; with `history`, its per-epoch history too
-        (`list` and `status` need only the record)."""
+        (`list` and `status` need only the record). StorageError, one line,
+        for a record that is missing, unreadable, or names a path outside
+        its job folder."""
         path = self.job_dir(job_id) / RECORD_FILE
         try:
-            record = JobRecord.model_validate_json(path.read_text())
+            record = JobRecord.from_stored(read_stored_text(path, RECORD_LIMIT, f"the record of job '{job_id}'"), path)
         except FileNotFoundError:
             raise StorageError(f"no job '{job_id}' in {self.root}") from None
         except OSError as exc:
             raise StorageError(f"cannot read the record of job '{job_id}': {exc.strerror or exc}") from None
-        except ValueError as exc:  # not JSON, or not a record: storage is input like any other
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise StorageError(f"the record of job '{job_id}' ({path}) is unreadable: {first}") from None
         if record.history and not record.metrics:  # a record from before history.jsonl held its history
             record.metrics = record.history[-1]
         if history:
@@ -196,6 +302,7 @@ class Storage:
     def append_history(self, job_id: str, entry: dict) -> None:
         """Add one epoch's line to the history: a constant cost per epoch,
         whatever the job's length."""
+        self.fences.get(job_id, _unfenced)()
         path = self.job_dir(job_id) / HISTORY_FILE
         line = json.dumps(entry, allow_nan=True) + "\n"
         try:
@@ -209,6 +316,7 @@ class Storage:
     def rewrite_history(self, job_id: str, entries: list[dict]) -> None:
         """Replace the history (a restart or resume cuts it back to its checkpoint)."""
         text = "".join(json.dumps(entry, allow_nan=True) + "\n" for entry in entries)
+        self.fences.get(job_id, _unfenced)()
         atomic_write_text(self.job_dir(job_id) / HISTORY_FILE, text)
 
     def read_history(self, job_id: str) -> list[dict]:
@@ -216,17 +324,22 @@ class Storage:
         crash mid-append is left out."""
         path = self.job_dir(job_id) / HISTORY_FILE
         try:
-            text = path.read_text()
+            text = read_stored_text(path, HISTORY_LIMIT, f"the history of job '{job_id}'")
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StorageError(f"cannot read the history of job '{job_id}': {exc.strerror or exc}") from None
+        lines = text.splitlines()
         entries = []
-        for line in text.splitlines():
+        for number, line in enumerate(lines, 1):
             try:
-                entries.append(json.loads(line))
-            except ValueError:
-                break
+                entries.append(_history_entry(line))
+            except ValueError as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    break  # cut short by a crash mid-append
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise StorageError(f"the history of job '{job_id}' ({path}) is unreadable at line {number}: "
+                                   f"{first}") from None
         return entries
 
     def records(self) -> list[JobRecord]:
@@ -236,11 +349,24 @@ class Storage:
         found = []
         for path in self.root.glob(f"*/{RECORD_FILE}"):
             try:
-                found.append(JobRecord.model_validate_json(path.read_text()))
-            except (OSError, ValueError):
-                continue
+                found.append(JobRecord.from_stored(read_stored_text(path, RECORD_LIMIT, "a record"), path))
+            except (OSError, StorageError):
+                continue  # not a job `list` can show; `status` of it says why
         return sorted(found, key=lambda r: r.created_at, reverse=True)
 
     @staticmethod
-    def read_checkpoint_state(checkpoint: Path) -> dict:
-        return json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())
+    def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+        """The driver's callback state saved with a checkpoint: {"epoch": int,
+        "callbacks": {name: state}}; StorageError if the file is not that."""
+        path = checkpoint / CHECKPOINT_STATE_FILE
+        try:
+            state = json.loads(read_stored_text(path, STATE_LIMIT, "a checkpoint's state"))
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"the checkpoint state {path} is unreadable: {exc.strerror or exc}"
+                               if isinstance(exc, OSError) else f"the checkpoint state {path} is not JSON") from None
+        if (not isinstance(state, dict) or type(state.get("epoch")) is not int
+                or not isinstance(state.get("callbacks"), dict)
+                or not all(isinstance(value, dict) for value in state["callbacks"].values())):
+            raise StorageError(f"the checkpoint state {path} is not a state file: "
+                               'expected {"epoch": <int>, "callbacks": {<name>: {...}}}')
+        return state

@@ -10,6 +10,10 @@ Every move is a method of `JobRecord` below, checked against
 one file `status`, `list` and the client read; the coordinator rewrites it
 atomically after every epoch. `JobStatus` is its projection: the record's
 own field names, without the spec and the history.
+
+In memory a record's paths are absolute (what `status` shows); in its file
+they are names relative to the job folder (`JobRecord.stored`), resolved and
+checked when read back (`JobRecord.from_stored`): a record is input too.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import math
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestra.errors import JobStateError
+from orchestra.errors import JobStateError, StorageError
+from orchestra.storage.paths import resolve_stored, stored_name
 
 
 class JobState(str, Enum):
@@ -159,6 +165,7 @@ class JobRecord(_JobFields):
     checkpoints: list[CheckpointEntry] = Field(default_factory=list)
     driver_pid: int | None = Field(default=None, description="The driver process that owns the job.")
     driver_host: str | None = None
+    generation: int = Field(default=0, description="The driver's lease generation, one more for each new owner.")
     worker_pids: dict[str, int] = Field(default_factory=dict, description="Process id of each rank's worker.")
     examples_dropped_per_epoch: int = 0
     skipped_examples: list[str] = Field(default_factory=list, description="The first few skipped files.")
@@ -207,6 +214,45 @@ class JobRecord(_JobFields):
     def status(self) -> JobStatus:
         """What `orchestra status --json` prints and `Client.status` returns."""
         return JobStatus(**self.model_dump(include=set(_JobFields.model_fields)))
+
+    def stored(self, job_dir: Path) -> str:
+        """The record as its file holds it (JSON, without the history): every
+        path a name relative to `job_dir`."""
+        names = {field: stored_name(job_dir, getattr(self, field)) for field in PATH_FIELDS}
+        checkpoints = [entry.model_copy(update={"path": stored_name(job_dir, entry.path)})
+                       for entry in self.checkpoints]
+        return self.model_copy(update={**names, "checkpoints": checkpoints}).model_dump_json(indent=1)
+
+    @classmethod
+    def from_stored(cls, text: str, path: Path) -> JobRecord:
+        """The record from the `text` of its file `path` (in the job folder):
+        StorageError if it does not parse as a record, belongs to another
+        job, or names a path outside the job folder (or through a symlink).
+        Its paths come back absolute."""
+        job_dir = path.parent
+        if job_dir.is_symlink():
+            raise StorageError(f"the folder of job '{job_dir.name}' ({job_dir}) is a symlink: refused")
+        try:
+            record = cls.model_validate_json(text)
+        except ValueError as exc:  # not JSON, or not a record
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise StorageError(f"the record of job '{job_dir.name}' ({path}) is unreadable: "
+                               f"{first}") from None
+        if record.job_id != job_dir.name:
+            raise StorageError(f"the record in {job_dir} is for job {record.job_id!r}, not {job_dir.name!r}: "
+                               "refused")
+        for field in PATH_FIELDS:
+            name = getattr(record, field)
+            if name is not None:
+                setattr(record, field, str(resolve_stored(job_dir, name, field)))
+        record.checkpoints = [
+            entry.model_copy(update={"path": str(resolve_stored(job_dir, entry.path, "checkpoints"))})
+            for entry in record.checkpoints]
+        return record
+
+
+# The record's fields that name a file or folder of the job (besides `checkpoints`).
+PATH_FIELDS = ("best_checkpoint", "model_path", "tensorboard_logdir")
 
 
 def format_value(value: Any) -> str:

@@ -82,7 +82,9 @@ def _extra_argument_row(path: str) -> list[str]:
         "—",
         f"a lower-case name; integers within ±{spec_module.MAX_INT}, strings ≤ 256 characters, "
         f"lists ≤ {spec_module.LAYER_ARGUMENT_LENGTH} long and nested ≤ {spec_module.LAYER_ARGUMENT_DEPTH} deep; "
-        "no objects",
+        f"no objects; sizes ({', '.join(sorted(spec_module.SIZE_ARGUMENTS))}) from 1 to {spec_module.MAX_UNITS}; "
+        f"rates ({', '.join(sorted(spec_module.RATE_ARGUMENTS))}) in [0, 1); no file paths "
+        f"({', '.join(sorted(spec_module.FILE_ARGUMENTS))} as a string, or a string with '/', '\\' or a leading '~')",
         "Passed to the layer's constructor, e.g. `units`, `activation`.",
     ]
 

@@ -61,7 +61,7 @@ def worker_group() -> str:
 
 def channel_callback(channel, attempt: int, rank: int, best_weights: list | None, samples_per_epoch: int,
                      log_batches: bool, histograms: WeightHistograms | None = None,
-                     startup: dict[str, float] | None = None):
+                     startup: dict[str, float] | None = None, fence=None):
     """The Keras callback that reports each epoch to the driver and carries
     out its decision (stop, snapshot the best weights, checkpoint).
 
@@ -79,7 +79,8 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
             self.superseded = False  # a newer attempt of the worker group took over
             self.reported = False  # the first report carries the start-up marks
             self.checkpoints = CheckpointWriter(rank, lambda ref: channel.checkpoint_saved(attempt, ref),
-                                                notify_in_background=getattr(channel, "thread_safe", False))
+                                                notify_in_background=getattr(channel, "thread_safe", False),
+                                                fence=fence)
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()

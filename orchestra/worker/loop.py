@@ -75,6 +75,7 @@ def train(config: WorkerConfig, rank: int, world_size: int, strategy, channel) -
         log_batches=bool(spec.callbacks.tensorboard and spec.callbacks.tensorboard.update_freq == "batch"),
         histograms=_histograms(spec, config, rank),
         startup=startup,
+        fence=config.lease,
     )
     try:
         model.fit(
@@ -139,6 +140,6 @@ def _finish(model, config: WorkerConfig, examples: JobExamples, pipelines: Pipel
         results = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
         test_metrics = {name: float(value) for name, value in results.items()}
     model_dir = Path(config.model_dir)
-    collective_save(model, model_dir, rank, weights_only=False)
+    collective_save(model, model_dir, rank, weights_only=False, fence=config.lease)
     if rank == 0:
         channel.finished(FinalResult(test_metrics, str(model_dir)))

@@ -11,6 +11,7 @@ publishes it from a background thread while the next epoch trains.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ from orchestra.storage.folders import (
     BEST_WEIGHTS_FILE,
     CHECKPOINT_STATE_FILE,
     MODEL_FILE,
+    STAGING_PREFIX,
     WEIGHTS_FILE,
     publish_directory,
 )
+from orchestra.storage.lease import Fence
 
 
 def save_model(model, directory: Path, weights_only: bool) -> None:
@@ -42,19 +45,27 @@ def save_model(model, directory: Path, weights_only: bool) -> None:
 
 
 def _write_published(final: Path, write: Callable[[Path], None], state: dict[str, Any] | None,
-                     best_weights: list | None) -> None:
-    """`write(staging)` the model, add the state and best weights, publish by rename."""
+                     best_weights: list | None, fence: Fence | None = None) -> None:
+    """`write(staging)` the model, add the state and best weights, publish by
+    rename, if the job's lease is still `fence`'s generation (LeaseLost if not)."""
     import numpy as np
 
-    staging = final.parent / f".staging-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = final.parent / f"{STAGING_PREFIX}{final.name}-{os.getpid()}"
     try:
-        staging.mkdir(parents=True, exist_ok=True)
+        if final.parent.is_symlink():  # storage is input: a planted symlink would take the write elsewhere
+            raise OSError(errno.ELOOP, f"{final.parent} is a symlink")
+        if staging.is_symlink() or staging.is_file():
+            staging.unlink()
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         write(staging)
         if state is not None:
             (staging / CHECKPOINT_STATE_FILE).write_text(json.dumps(state))
         if best_weights is not None:
             np.savez(staging / BEST_WEIGHTS_FILE, *best_weights)
+        if fence is not None:
+            fence.check()  # a driver that has been taken over: its chief publishes nothing more
     except OSError as exc:  # a full disk: give its space back, name what could not be written
         shutil.rmtree(staging, ignore_errors=True)
         raise StorageWriteError.of(final, exc) from exc
@@ -65,7 +76,7 @@ def _write_published(final: Path, write: Callable[[Path], None], state: dict[str
 
 
 def collective_save(model, final: Path, rank: int, weights_only: bool, state: dict[str, Any] | None = None,
-                    best_weights: list | None = None) -> None:
+                    best_weights: list | None = None, fence: Fence | None = None) -> None:
     """Every worker takes part in a save under MultiWorkerMirroredStrategy, or
     the chief would wait in a collective forever: the chief writes to a
     staging folder beside `final` and publishes it by rename, the others
@@ -79,7 +90,7 @@ def collective_save(model, final: Path, rank: int, weights_only: bool, state: di
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
-    _write_published(final, lambda staging: save_model(model, staging, weights_only), state, best_weights)
+    _write_published(final, lambda staging: save_model(model, staging, weights_only), state, best_weights, fence)
 
 
 def _optimizer_variables(optimizer) -> list:
@@ -136,9 +147,12 @@ class CheckpointWriter:
         rank: this worker's rank; only rank 0 writes.
         published: told each checkpoint once it is published.
         notify_in_background: `published` may be called from the writer thread.
+        fence: the driver's lease generation, checked before each publication.
     """
 
-    def __init__(self, rank: int, published: Callable[[Any], None], notify_in_background: bool = False):
+    def __init__(self, rank: int, published: Callable[[Any], None], notify_in_background: bool = False,
+                 fence: Fence | None = None):
+        self.fence = fence
         self.rank = rank
         self.published = published
         self.notify_in_background = notify_in_background
@@ -201,7 +215,8 @@ class CheckpointWriter:
                 variable.assign(value)
         if taken.learning_rate is not None:
             shadow.optimizer.learning_rate = taken.learning_rate
-        _write_published(final, lambda staging: save_model(shadow, staging, weights_only), state, best_weights)
+        _write_published(final, lambda staging: save_model(shadow, staging, weights_only), state, best_weights,
+                         self.fence)
         if self.notify_in_background:
             self.published(ref)
         return ref
