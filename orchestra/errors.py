@@ -37,6 +37,9 @@ class SpecError(OrchestraError):
         lines = [f"{source}: invalid job spec"] + [f"  {printable(path)}: {printable(msg)}" for path, msg in problems]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # raised on a worker, it travels to the driver pickled
+        return type(self), (self.problems, self.source)
+
 
 class FieldError(OrchestraError, ValueError):
     """A spec field whose files or names turn out wrong when they are used
@@ -46,6 +49,9 @@ class FieldError(OrchestraError, ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(message)
+
+    def __reduce__(self):  # raised on a worker, it travels to the driver pickled
+        return type(self), (self.field, str(self))
 
     def as_spec_error(self, source: str = "spec") -> SpecError:
         return SpecError([(self.field, str(self))], source)

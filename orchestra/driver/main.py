@@ -23,7 +23,12 @@ from pathlib import Path
 from orchestra.coordinator.protocol import CheckpointRef
 from orchestra.driver.console import Console
 from orchestra.driver.preflight import Prepared, preflight
-from orchestra.driver.resume import check_resumable, check_same_classes, reopen
+from orchestra.driver.resume import (
+    check_resumable,
+    check_same_classes,
+    folder_classes,
+    reopen,
+)
 from orchestra.errors import OrchestraError, SpecError
 from orchestra.spec import load_spec, parse_spec
 from orchestra.storage import status_lines
@@ -52,9 +57,11 @@ def prepare_resume(job_id: str, *, storage: str | None = None,
     (PENDING, owned by this process): (prepared, record, checkpoint)."""
     root = storage_root(storage)
     record = check_resumable(Storage(root), job_id)
-    prepared = preflight(parse_spec(json.dumps(record.spec), job_id), storage=str(root), datasets=datasets,
-                         source=job_id, check_cluster=record.mode == "ray")
-    check_same_classes(record, prepared.images.train.class_names if prepared.images else None)
+    spec = parse_spec(json.dumps(record.spec), job_id)
+    # Before pre-flight: with a class more or less, its checks would blame the model's width instead.
+    check_same_classes(record, folder_classes(spec))
+    prepared = preflight(spec, storage=str(root), datasets=datasets, source=job_id,
+                         check_cluster=record.mode == "ray")
     record, checkpoint = reopen(prepared.storage, job_id)
     return prepared, record, checkpoint
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 import time
 
+from orchestra.build.images import index_folder
 from orchestra.coordinator.protocol import CheckpointRef
 from orchestra.driver.run import own, process_started_at
-from orchestra.errors import JobStateError
+from orchestra.errors import FieldError, JobStateError
+from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
 from orchestra.storage.folders import CHECKPOINT_STATE_FILE, Storage
 from orchestra.storage.lease import (
@@ -74,10 +76,21 @@ def latest_checkpoint(storage: Storage, job_id: str) -> CheckpointRef | None:
     return CheckpointRef(epoch, str(path))
 
 
+def folder_classes(spec: JobSpec) -> list[str] | None:
+    """The classes an image job's training folder has now, or None (not an
+    image job, or a folder pre-flight will report on by its field)."""
+    if spec.data.images is None:
+        return None
+    try:
+        return index_folder(spec.data.images.train_dir, "data.images.train_dir").class_names
+    except FieldError:
+        return None
+
+
 def check_same_classes(record: JobRecord, class_names: list[str] | None) -> None:
     """JobStateError if an image job's folder no longer has the classes it
     started with: its labels are their positions."""
-    if record.class_names and class_names != record.class_names:
+    if record.class_names and class_names is not None and class_names != record.class_names:
         raise JobStateError(f"job {record.job_id} started on the classes {record.class_names} and its image folder "
                           f"now has {class_names}: restore the folder, or submit a new job")
 
