@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 
 from orchestra.errors import FieldError
-from orchestra.spec import JobSpec
+from orchestra.spec import BINARY_LOSSES, JobSpec
 
 TRIAL_SECONDS = 120.0
 TRIAL_EXAMPLES = 2
-BINARY_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "BinaryCrossentropy",
-                 "BinaryFocalCrossentropy")
 
 _ERROR_LINE = re.compile(r"^\s*(?:[A-Za-z_.]*(?:Error|Exception)): (.+)$")
 _LAYER_NAME = re.compile(r"""(?:layer ["'](?P<quoted>[\w.-]+)["']|(?<![\w.-])(?P<scoped>[\w.-]+)/)""")
