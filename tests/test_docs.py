@@ -36,7 +36,7 @@ def test_spec_reference_is_generated_from_the_spec():
     assert text.count(start) == 1 and text.count(end) == 1, f"docs/spec.md needs one {start} and one {end}"
     written = text.split(start, 1)[1].split(end, 1)[0]
     assert written.strip() == spec_reference.render().strip(), (
-        f"docs/spec.md's field reference differs from orchestra/spec.py: run `{spec_reference.COMMAND}`")
+        f"docs/spec.md's field reference differs from orchestra/spec/: run `{spec_reference.COMMAND}`")
 
 
 def test_spec_reference_has_a_row_for_every_field():

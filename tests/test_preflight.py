@@ -79,7 +79,7 @@ HOSTILE = {
         {"model.layers.2.units": CLASSES - 1}, "model.layers.2", f"one output per class, {CLASSES}"),
     "one unit with categorical cross-entropy": (
         {"data.labels": "one_hot", "compile.loss": "categorical_crossentropy", "model.layers.2.units": 1},
-        "model.layers.2.units", "one output per class (at least 2)"),  # refused by the spec alone (spec.py)
+        "model.layers.2.units", "one output per class (at least 2)"),  # refused by the spec alone (orchestra/spec/)
     "binary cross-entropy with class indices": (
         {"compile.loss": "binary_crossentropy", "model.layers.2.units": 1,
          "model.layers.2.activation": "sigmoid"},
@@ -124,7 +124,7 @@ def test_schema_only_runs_the_trial_on_generated_examples(tmp_path, capsys):
     spec_path.write_text(json.dumps(spec))
     assert cli.main(["validate", "--schema-only", str(spec_path)]) == 2
     err = capsys.readouterr().err
-    assert "model.layers.2.units: " in err and "10 classes" in err  # spec.py refuses it from the spec alone
+    assert "model.layers.2.units: " in err and "10 classes" in err  # orchestra/spec/ refuses it from the spec alone
 
 
 def _model(spec: JobSpec, shape):

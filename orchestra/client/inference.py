@@ -70,7 +70,7 @@ def _spec_without_files(record: JobRecord) -> JobSpec:
     try:
         spec = JobSpec.model_validate(record.spec)
     except ValidationError as exc:
-        field, message = (problems_of(exc) or [("spec", str(exc))])[0]
+        field, message = (problems_of(exc, JobSpec) or [("spec", str(exc))])[0]
         raise StorageError(f"job {record.job_id}: the spec in its record is not valid ({field}: {message})") from None
     backbone = spec.model.backbone
     if backbone is None or backbone.weights is None:
@@ -152,7 +152,7 @@ def _data_spec(record, overrides: dict[str, Any] | None) -> DataSpec:
     try:
         return JobSpec.model_validate(dict(record.spec, data=data)).data
     except ValidationError as exc:
-        problems = [(path, message) for path, message in problems_of(exc) if path.startswith("data")]
+        problems = [(path, message) for path, message in problems_of(exc, JobSpec) if path.startswith("data")]
         if problems:
             raise SpecError(problems, "--data") from None
     # Rules of the whole job (e.g. what a callback monitors) may not hold for other data; the data must.
