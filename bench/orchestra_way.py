@@ -17,9 +17,9 @@ def spec_for(work) -> dict:
             {"type": "Dense", "units": 10, "activation": "softmax"}]},
         "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
         "fit": {"epochs": work.epochs, "batch_size": work.batch_size},
-        "callbacks": {"early_stopping": {"monitor": "val_loss", "patience": work.epochs},
-                      "checkpoint": {"monitor": "val_loss", "keep": 1},
-                      "tensorboard": {"update_freq": "epoch"}},
+        "callbacks": [{"class_name": "EarlyStopping", "config": {"monitor": "val_loss", "patience": work.epochs}},
+                      {"class_name": "ModelCheckpoint", "config": {"monitor": "val_loss", "keep": 1}},
+                      {"class_name": "TensorBoard", "config": {"update_freq": "epoch"}}],
         "scaling": {"workers": work.workers},
         "performance": work.performance,
     }

@@ -13,14 +13,16 @@ The package follows a job's flow, each layer importing only those below it:
     tools/        TensorBoard server, plots, sample data
     cli           `orchestra`: thin verbs over the client and the driver
 
-This module is the public API.
+This module is the public API; plugin callbacks subclass its
+`CoordinatorCallback` (docs/plugins.md).
 """
 
 from orchestra.client.client import Client
 from orchestra.client.inference import evaluate, load_model, predict
+from orchestra.coordinator import CoordinatorCallback, Decision, EpochResult
 from orchestra.errors import OrchestraError, SpecError
 from orchestra.spec import JobSpec, load_spec
 from orchestra.storage.record import JobRecord, JobState, JobStatus
 
-__all__ = ["Client", "JobRecord", "JobSpec", "JobState", "JobStatus", "OrchestraError", "SpecError", "evaluate",
+__all__ = ["Client", "CoordinatorCallback", "Decision", "EpochResult", "JobRecord", "JobSpec", "JobState", "JobStatus", "OrchestraError", "SpecError", "evaluate",
            "load_model", "load_spec", "predict"]

@@ -20,7 +20,7 @@ from typing import Callable
 
 from orchestra.client.ray_jobs import submission_address
 from orchestra.driver.console import Console
-from orchestra.errors import ClusterError, OrchestraError, SpecError, StorageError
+from orchestra.errors import OrchestraError, SpecError, StorageError
 from orchestra.spec import json_schema, load_spec
 from orchestra.storage import status_lines
 from orchestra.storage.record import JobState, JobStatus, format_value
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     submit = _verb(verbs, "submit", cmd_submit, "validate a job spec and train it on Ray workers")
-    submit.add_argument("spec", help="path to a JSON job spec")
+    submit.add_argument("spec", help="path to a job spec, JSON or YAML (.yaml, .yml)")
+    _set_option(submit)
     _address_option(submit)
     _storage_option(submit)
     submit.add_argument("--workers", type=int, help="override scaling.workers")
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_option(submit)
 
     validate = _verb(verbs, "validate", cmd_validate, "check a job spec without running it")
-    validate.add_argument("spec")
+    validate.add_argument("spec", help="path to a job spec, JSON or YAML (.yaml, .yml)")
+    _set_option(validate)
+    _address_option(validate)
     _storage_option(validate)
     validate.add_argument("--workers", type=int, help="override scaling.workers")
     _datasets_option(validate)
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on a terminal, show the running epoch's progress bar while waiting")
     resume = _job_verb(verbs, "resume", cmd_resume, "continue a STOPPED or FAILED job from its latest checkpoint")
     _datasets_option(resume)
+    resume.add_argument("--workers", type=int,
+                        help="continue on this many workers: the same global batches, so the same numbers")
     resume.add_argument("--detach", action="store_true", help="resume in a background driver and return")
 
     board = _verb(verbs, "tensorboard", cmd_tensorboard, "serve jobs' TensorBoard runs until interrupted")
@@ -125,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(plot)
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
     _json_option(plot)
+
+    data = verbs.add_parser("data", help="prepare datasets", description="prepare datasets")
+    convert = _verb(data.add_subparsers(dest="data_verb", required=True, metavar="VERB"), "convert",
+                    cmd_data_convert, "write a dataset as shard files and a manifest, for data.shards")
+    convert.add_argument("src", metavar="SRC", help="Keras dataset name, .npz path or class-per-subfolder image folder")
+    convert.add_argument("dest", metavar="DEST", help="new folder for the shards and manifest.json")
+    convert.add_argument("--format", required=True, choices=("npy", "tfrecord"))
+    convert.add_argument("--shards", required=True, type=int, metavar="N", help="shard files per split")
+    convert.add_argument("--target-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                         help="image folders: height and width images are resized to (default 256 256)")
+    convert.add_argument("--color-mode", choices=("rgb", "grayscale"), default="rgb", help="image folders")
+    _datasets_option(convert)
 
     _verb(verbs, "schema", cmd_schema, "print the job spec's JSON Schema (always JSON)")
     completion = _verb(verbs, "completion", cmd_completion,
@@ -153,7 +170,8 @@ def _job_verb(verbs, name: str, handler: Handler, help: str) -> argparse.Argumen
 def _storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", metavar="PATH",
-        help="root of the shared storage (default: ORCHESTRA_STORAGE, else ~/orchestra_storage)",
+        help="root of the shared storage, a path or s3://BUCKET/PREFIX "
+             "(default: ORCHESTRA_STORAGE, else ~/orchestra_storage)",
     )
 
 
@@ -174,6 +192,13 @@ def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
                         help="which model (default: best checkpoint, else final)")
 
 
+def _set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a field of the spec, checked like the file; repeatable: "
+                             "--set fit.epochs=5 --set compile.optimizer.config.learning_rate=1e-4 "
+                             "--set callbacks.0.config.patience=3 (VALUE is read as JSON, else as a string)")
+
+
 def _quiet_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final status")
 
@@ -188,19 +213,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestra.driver.main import prepare_new
     from orchestra.driver.preflight import preflight
 
+    address = submission_address(args.address)
     if args.schema_only:
-        spec = load_spec(args.spec).with_overrides(workers=args.workers, storage=args.storage, source=args.spec)
+        spec = load_spec(args.spec, args.set).with_overrides(workers=args.workers, storage=args.storage,
+                                                             source=args.spec)
         preflight(spec, storage=args.storage, source=args.spec, check_cluster=False, check_files=False)
-        _print(args, {"spec": args.spec, "valid": True, "checked_files": False},
-               f"{args.spec}: valid as a spec (the files it names and the storage were not checked)")
+        waits = _waits(spec, address) if address else []
+        _print(args, {"spec": args.spec, "valid": True, "checked_files": False, "waits_for": _waits_json(waits)},
+               f"{args.spec}: valid as a spec (the files it names and the storage were not checked)"
+               + _waits_text(args.spec, waits))
         return EXIT_OK
-    prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage, datasets=args.datasets)
+    prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage, datasets=args.datasets,
+                           sets=tuple(args.set))
     spec = prepared.spec
+    waits = _waits(spec, address)
     _print(args, {"spec": args.spec, "valid": True, "checked_files": True, "workers": spec.scaling.workers,
-                  "layers": len(spec.model.layers), "epochs": spec.fit.epochs, "storage": str(prepared.storage.root)},
+                  "layers": len(spec.model.layers), "epochs": spec.fit.epochs, "storage": str(prepared.storage.root),
+                  "waits_for": _waits_json(waits)},
            f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
-           f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}")
+           f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}" + _waits_text(args.spec, waits))
     return EXIT_OK
+
+
+def _waits(spec, address: str | None) -> list[tuple[str, str]]:
+    """GPUs and custom resources the cluster lacks now, which the job would
+    wait PENDING for: the cluster at `address`, else the one this process sees."""
+    from orchestra.driver.ray_runtime import waits_for
+
+    if address is None:
+        return waits_for(spec)
+    from orchestra.client.cluster_view import nodes_at
+    from orchestra.driver.resources import missing
+
+    return missing(spec, nodes_at(address))
+
+
+def _waits_json(waits: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"field": field, "reason": reason} for field, reason in waits]
+
+
+def _waits_text(source: str, waits: list[tuple[str, str]]) -> str:
+    return "".join(f"\n{source}: would wait PENDING: {field}: {reason}" for field, reason in waits)
 
 
 def _print(args: argparse.Namespace, document: dict, text: str) -> None:
@@ -219,7 +272,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestra.driver.run import create_job
 
     prepared = prepare_new(args.spec, workers=args.workers, storage=args.storage, datasets=args.datasets,
-                           in_process=args.in_process)
+                           in_process=args.in_process, sets=tuple(args.set))
     record = create_job(prepared, in_process=args.in_process)
     record = drive(prepared, record, console=Console(sys.stdout, quiet=args.quiet))
     _print_status(record.status(), args.json)
@@ -227,20 +280,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a STOPPED or FAILED job here, from its latest checkpoint."""
-    if submission_address(args.address):
-        raise ClusterError("resume runs the job's driver on this machine, over its storage: "
-                           "run it where the storage is mounted, without --address")
+    """Continue a STOPPED or FAILED job from its latest checkpoint: here,
+    or on its cluster as a new Ray job of the same job (--address)."""
+    address = submission_address(args.address)
+    if address:
+        return _resume_on_cluster(args, address)
     if args.detach:
-        _client(args).resume(args.job_id, datasets=args.datasets)
+        _client(args).resume(args.job_id, workers=args.workers, datasets=args.datasets)
         print(f"job {args.job_id}: resuming in a background driver on this machine", flush=True)
         return EXIT_OK
     from orchestra.driver.main import drive, exit_code, prepare_resume
 
-    prepared, record, checkpoint = prepare_resume(args.job_id, storage=args.storage, datasets=args.datasets)
+    prepared, record, checkpoint = prepare_resume(args.job_id, storage=args.storage, datasets=args.datasets,
+                                                  workers=args.workers)
     record = drive(prepared, record, checkpoint)
     _print_status(record.status(), args.json)
     return exit_code(record)
+
+
+def _resume_on_cluster(args: argparse.Namespace, address: str) -> int:
+    """Resume a cluster job through its job server (--storage: the storage
+    as the cluster sees it); follow the new run to its end unless --detach."""
+    client = _client(args)
+    client.resume(args.job_id, workers=args.workers, datasets=args.datasets, storage=args.storage)
+    print(f"job {args.job_id}: resumed on {address}", flush=True)
+    if args.detach:
+        return EXIT_OK
+    try:
+        status = _follow(client, args.job_id, Console(sys.stdout), latest_only=True)
+    except KeyboardInterrupt:
+        print(f"job {args.job_id}: no longer followed; it goes on (orchestra cancel {args.job_id} stops it)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return _print_final(status, args.json)
 
 
 def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
@@ -248,7 +320,7 @@ def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
     here; follow it to its end unless --detach."""
     from orchestra.client.client import Client
 
-    spec = load_spec(args.spec).with_overrides(workers=args.workers, source=args.spec)
+    spec = load_spec(args.spec, args.set).with_overrides(workers=args.workers, source=args.spec)
     client = Client(address, storage=None if address else args.storage)
     job_id = client.submit(spec, storage=args.storage if address else None, datasets=args.datasets)
     print(f"job {job_id}: submitted to {address or 'a background driver on this machine'}", flush=True)
@@ -262,13 +334,14 @@ def _submit_to_client(args: argparse.Namespace, address: str | None) -> int:
     return _print_final(status, args.json)
 
 
-def _follow(client, job_id: str, console: Console, bar_only: bool = False) -> JobStatus:
+def _follow(client, job_id: str, console: Console, bar_only: bool = False, latest_only: bool = False) -> JobStatus:
     """Show the driver's output as it comes until the job has ended: its
     lines (unless `bar_only`), and its progress as a bar on a terminal
-    (never its status lines); return the final status."""
+    (never its status lines); return the final status. `latest_only`: a
+    cluster job's latest run only (Client.follow)."""
     pending = ""
     try:
-        for chunk in client.follow(job_id):
+        for chunk in client.follow(job_id, latest_only=latest_only):
             *lines, pending = (pending + chunk).split("\n")
             for line in lines:
                 _show(line, console, bar_only)
@@ -436,6 +509,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     storage = Storage(storage_root(args.storage))
     output = plot_jobs([storage.read_record(job_id, history=True) for job_id in args.jobs], args.output)
     _print(args, {"output": str(output), "jobs": args.jobs}, f"wrote {output}")
+    return EXIT_OK
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from orchestra.tools.convert import convert, summary
+
+    manifest = convert(args.src, args.dest, args.format, args.shards, args.datasets, tuple(args.target_size),
+                       args.color_mode)
+    print(summary(manifest, args.dest))
     return EXIT_OK
 
 

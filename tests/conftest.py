@@ -48,20 +48,43 @@ def small_spec(**overrides) -> dict:
         "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
                     "loss": "categorical_crossentropy", "metrics": ["accuracy"]},
         "fit": {"epochs": 30, "batch_size": 20},
-        "callbacks": {
-            "early_stopping": {"monitor": "val_loss", "patience": 2},
-            "checkpoint": {"monitor": "val_loss", "save_best_only": True, "keep": 2},
-            "tensorboard": {"update_freq": "epoch", "histogram_freq": 2},
-        },
+        "callbacks": [
+            {"class_name": "EarlyStopping", "config": {"monitor": "val_loss", "patience": 2}},
+            {"class_name": "ModelCheckpoint", "config": {"monitor": "val_loss", "save_best_only": True, "keep": 2}},
+            {"class_name": "TensorBoard", "config": {"update_freq": "epoch", "histogram_freq": 2}},
+        ],
         "scaling": {"workers": 2},
     }
     for dotted, value in overrides.items():
+        if dotted.startswith("callbacks.") and isinstance(spec.get("callbacks"), list):
+            _override_callback(spec["callbacks"], dotted.removeprefix("callbacks."), value)
+            continue
         node = spec
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
     return spec
+
+
+def _override_callback(callbacks: list[dict], dotted: str, value) -> None:
+    """`small_spec`'s "callbacks.<ClassName>[.<argument>]" overrides: None
+    drops the callback, a dict is its whole config (added at the end if not
+    listed), an argument sets that one argument."""
+    name, _, argument = dotted.partition(".")
+    if not name[:1].isupper():
+        raise KeyError(f"callbacks.{name}: small_spec names callbacks by Keras class now, e.g. "
+                       "callbacks.EarlyStopping, callbacks.ModelCheckpoint, callbacks.TensorBoard")
+    entry = next((entry for entry in callbacks if entry["class_name"] == name), None)
+    if argument:
+        entry["config"][argument] = value
+    elif value is None:
+        if entry is not None:
+            callbacks.remove(entry)
+    elif entry is not None:
+        entry["config"] = value
+    else:
+        callbacks.append({"class_name": name, "config": value})
 
 
 def read_job(job_dir: Path) -> dict:
@@ -86,7 +109,7 @@ def run_cli(*args, timeout=600, env=None):
 def finished_job(tmp_path_factory, mnist_dir):
     """One early-stopping job submitted through the CLI, run to its end."""
     root = tmp_path_factory.mktemp("cli")
-    spec_path = write_spec(root / "small.json", small_spec(**{"callbacks.early_stopping.restore_best_weights": True}))
+    spec_path = write_spec(root / "small.json", small_spec(**{"callbacks.EarlyStopping.restore_best_weights": True}))
     result = run_cli("submit", spec_path, "--storage", root / "storage", "--datasets", mnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split()[1].rstrip(":")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_local_client_submits_follows_and_cancels(tmp_path, mnist_dir):
     storage = tmp_path / "storage"
     client = Client(storage=str(storage))
-    spec = write_spec(tmp_path / "long.json", small_spec(**{"fit.epochs": 500, "callbacks.early_stopping": None}))
+    spec = write_spec(tmp_path / "long.json", small_spec(**{"fit.epochs": 500, "callbacks.EarlyStopping": None}))
     job_id = client.submit(spec, datasets=str(mnist_dir))
     assert client.status(job_id).state in (JobState.PENDING, JobState.RUNNING)
 

@@ -35,7 +35,7 @@ def client(cluster, monkeypatch) -> Client:
 
 
 def quick_spec(**overrides) -> dict:
-    return small_spec(**{"fit.epochs": 3, "callbacks.early_stopping": None, **overrides})
+    return small_spec(**{"fit.epochs": 3, "callbacks.EarlyStopping": None, **overrides})
 
 
 def wait_for(predicate, timeout: float, what: str):

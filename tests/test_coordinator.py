@@ -56,14 +56,14 @@ class Recorder(CoordinatorCallback):
         if name == self.fail_on:
             raise OSError(28, "No space left on device")
 
-    def on_job_start(self, job_id):
-        self._note("on_job_start", job_id)
+    def on_train_begin(self, job_id):
+        self._note("on_train_begin", job_id)
 
     def on_epoch_end(self, result, decision):
         self._note("on_epoch_end", result.epoch)
 
-    def on_job_end(self, final):
-        self._note("on_job_end", final["state"], final["model_path"])
+    def on_train_end(self, final):
+        self._note("on_train_end", final["state"], final["model_path"])
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_an_epoch_that_orders_a_checkpoint_carries_every_callbacks_state_at_that
     coordinator.handle(reports(1, 0.5))
     decision = coordinator.handle(reports(2, 0.6))  # no improvement: early stopping waits 1
     state = decision.checkpoint.state
-    assert set(state) == {"epoch", "callbacks"}
+    assert set(state) == {"epoch", "callbacks", "learning_rate"}
     assert state["epoch"] == 2
     assert set(state["callbacks"]) == {"EarlyStopping", "Checkpoint"}
     assert state["callbacks"]["EarlyStopping"]["wait"] == 1
@@ -195,7 +195,7 @@ def test_finished_records_the_outcome_and_ends_the_callbacks(storage):
     assert coordinator.handle(Finished(FinalResult({"accuracy": 0.9}, model))) is None
     written = storage.read_record(JOB)
     assert (written.test_metrics, written.model_path) == ({"accuracy": 0.9}, model)
-    assert recorder.calls == [("on_job_start", JOB), ("on_epoch_end", 1), ("on_job_end", "PENDING", model)]
+    assert recorder.calls == [("on_train_begin", JOB), ("on_epoch_end", 1), ("on_train_end", "PENDING", model)]
 
 
 def test_every_event_type_of_the_protocol_is_handled(storage):
@@ -240,7 +240,7 @@ def test_an_optional_callback_that_fails_is_dropped_with_a_warning_and_training_
     assert warning.startswith("Recorder stopped writing:") and "No space left on device" in warning
     assert warning.endswith("training went on")
     coordinator.handle(reports(2, 0.4))
-    assert [call[0] for call in board.calls] == ["on_job_start", "on_epoch_end"]  # not called again
+    assert [call[0] for call in board.calls] == ["on_train_begin", "on_epoch_end"]  # not called again
     assert storage.read_record(JOB).epochs_completed == 2
 
 

@@ -21,7 +21,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # A dotted name or a repository path, not part of a longer path or name (`/opt/orchestra/jobs/…`).
-MODULE = re.compile(r"(?<![\w/.-])orchestra(?:\.[A-Za-z_]\w*)+")
+MODULE = re.compile(r"(?<![\w/.\"-])orchestra(?:\.[A-Za-z_]\w*)+")  # a quoted name is a string (an entry-point group)
 RUN_MODULE = re.compile(r"python3? -m (orchestra(?:\.\w+)*)")
 REPO_PATH = re.compile(r"(?<![\w/.<>-])((?:orchestra|tests|jobs|bench|deploy|docs)/[\w./-]*[\w/])")
 

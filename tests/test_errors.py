@@ -6,6 +6,7 @@ import pickle
 import pytest
 
 from orchestra import errors
+from orchestra.coordinator.plugin import PluginError
 from orchestra.storage.lease import LeaseHeld, LeaseLost
 from orchestra.storage.record import InvalidTransition
 
@@ -21,6 +22,7 @@ EXAMPLES = [
     LeaseHeld("job x is owned by a live driver on h, pid 1"),
     LeaseLost("job x was taken over"),
     InvalidTransition("RUNNING -> PENDING"),
+    PluginError("the callback 'raises' (callbacks.0) raised in on_epoch_end: KeyError: 'val_f1'"),
 ]
 
 

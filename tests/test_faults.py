@@ -31,9 +31,9 @@ pytestmark = pytest.mark.integration
 
 RECOVERABLE = {
     "data.train_size": 2000,  # 100 steps an epoch: an epoch lasts long enough to be interrupted in
-    "callbacks.early_stopping": {"monitor": "val_loss", "patience": 3, "min_delta": 0},
-    "callbacks.checkpoint": {"monitor": "val_loss", "keep": 1},  # every epoch: resume starts from the latest
-    "callbacks.tensorboard": {"update_freq": "epoch"},
+    "callbacks.EarlyStopping": {"monitor": "val_loss", "patience": 3, "min_delta": 0},
+    "callbacks.ModelCheckpoint": {"monitor": "val_loss", "keep": 1},  # every epoch: resume starts from the latest
+    "callbacks.TensorBoard": {"update_freq": "epoch"},
 }
 # What a resumed epoch must reproduce; times and memory are the run's own.
 TRAINING_NUMBERS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
@@ -257,7 +257,7 @@ def test_killed_worker_with_max_failures_is_replaced_and_gives_the_numbers_of_a_
     the uninterrupted run is the reference."""
     process, storage, log, record, family = job_at_epoch_2(
         tmp_path, mnist_dir, "replaced", **{"scaling.max_failures": 1,
-                                            "callbacks.checkpoint": {"monitor": "val_loss", "keep": 1,
+                                            "callbacks.ModelCheckpoint": {"monitor": "val_loss", "keep": 1,
                                                                      "save_weights_only": True}})
     victim = record["worker_pids"]["1"]
     os.kill(victim, signal.SIGKILL)
@@ -282,9 +282,10 @@ def test_killed_worker_fails_the_job_naming_it_and_leaves_nothing(tmp_path, mnis
     status = json.loads(run_cli("status", record["job_id"], "--storage", storage, "--json").stdout)
     reason = status["reason"]
     assert status["state"] == "FAILED"
-    # The root cause first: the killed rank, with the death Ray saw, never worker 0's cut collective.
-    assert reason.startswith("worker 1: "), reason
-    root_cause = reason.split(" [then ")[0].removeprefix("worker 1: ")
+    # The root cause first: the killed rank and its pid, with the death Ray saw, never worker 0's cut collective.
+    victim = record["worker_pids"]["1"]
+    assert reason.startswith(f"worker 1 (pid {victim}) died without reporting an error: killed by a signal"), reason
+    root_cause = reason.split(" [then ")[0].split("; Ray saw ", 1)[1]
     assert root_cause.startswith(("WorkerHealthCheckFailedError", "ActorDiedError")), reason
     print(f"\nworker kill -9: FAILED after {detected:.1f} s ({reason[:300]}); "
           f"driver exited and every process gone {gone:.1f} s after the kill")
@@ -307,8 +308,8 @@ def tiny_disk(tmp_path):
 
 def test_full_disk_fails_naming_the_path_and_retention_frees_space(tiny_disk, tmp_path, mnist_dir):
     spec = small_spec(name="hoarder", **{
-        "fit.epochs": 12, "callbacks.early_stopping": None,
-        "callbacks.checkpoint": {"monitor": "val_loss", "keep": 100},
+        "fit.epochs": 12, "callbacks.EarlyStopping": None,
+        "callbacks.ModelCheckpoint": {"monitor": "val_loss", "keep": 100},
     })
     spec_path = write_spec(tmp_path / "hoarder.json", spec)
     storage = tiny_disk / "storage"
@@ -324,8 +325,9 @@ def test_full_disk_fails_naming_the_path_and_retention_frees_space(tiny_disk, tm
     print(f"\ndisk full: FAILED after epoch {status['epochs_completed']} ({status['reason']})")
 
     subprocess.run(["rm", "-rf", str(storage / job_id)], check=True)
-    spec = {**spec, "name": "frugal", "callbacks": {**spec["callbacks"], "checkpoint": {"monitor": "val_loss",
-                                                                                          "keep": 1}}}
+    spec = {**spec, "name": "frugal", "callbacks": [
+        {"class_name": "ModelCheckpoint", "config": {"monitor": "val_loss", "keep": 1}} if entry["class_name"] == "ModelCheckpoint"
+        else entry for entry in spec["callbacks"]]}
     result = run_cli("submit", write_spec(tmp_path / "frugal.json", spec), "--in-process", "--storage", storage,
                      "--datasets", mnist_dir, "--json")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -23,8 +23,9 @@ FIDELITY_SPEC = {
     "compile": {"optimizer": {"type": "sgd", "learning_rate": 0.02}, "loss": "categorical_crossentropy",
                 "metrics": ["accuracy"]},
     "fit": {"epochs": 60, "batch_size": 20},
-    "callbacks": {"early_stopping": {"monitor": "val_loss", "patience": 3, "min_delta": 0.002},
-                  "checkpoint": {"monitor": "val_loss", "save_best_only": True, "keep": 1}},
+    "callbacks": [{"class_name": "EarlyStopping", "config": {"monitor": "val_loss", "patience": 3, "min_delta": 0.002}},
+                  {"class_name": "ModelCheckpoint", "config": {"monitor": "val_loss", "save_best_only": True, "keep": 1}},
+                  {"class_name": "TensorBoard", "config": {}}],
     "scaling": {"workers": 2},
 }
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -133,7 +134,7 @@ def test_one_worker_trains_without_collectives_and_gives_the_reference_run(both_
 def test_dropout_lands_in_the_same_range(tmp_path, mnist_dir):
     """Dropout masks are drawn per replica, so runs differ; over several
     seeds both modes reach the same validation accuracy."""
-    spec = {**FIDELITY_SPEC, "callbacks": {"tensorboard": None}, "fit": {"epochs": 6, "batch_size": 20},
+    spec = {**FIDELITY_SPEC, "callbacks": [], "fit": {"epochs": 6, "batch_size": 20},
             "model": {"layers": [{"type": "Dense", "units": 64, "activation": "relu"},
                                  {"type": "Dropout", "rate": 0.3},
                                  {"type": "Dense", "units": 10, "activation": "softmax"}]}}

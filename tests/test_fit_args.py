@@ -29,7 +29,7 @@ def fit_args_job(tmp_path_factory, mnist_dir):
         "compile.optimizer": {"type": "sgd", "learning_rate": 1e-9},
         "fit": {"epochs": 4, "batch_size": 20, "steps_per_epoch": 3, "validation_freq": 2,
                 "validation_steps": 1, "validation_batch_size": 8, "class_weight": CLASS_WEIGHT},
-        "callbacks": {"tensorboard": None},
+        "callbacks": [],
     })
     result = run_cli("submit", write_spec(root / "fit.json", spec), "--storage", root / "storage",
                      "--datasets", mnist_dir)
@@ -77,7 +77,7 @@ def test_steps_and_validation_arguments_are_honoured(fit_args_job):
 
 
 def test_validation_steps_without_validation_is_refused(tmp_path, mnist_dir):
-    spec = small_spec(**{"data.validation_size": None, "fit.validation_steps": 2, "callbacks": {}})
+    spec = small_spec(**{"data.validation_size": None, "fit.validation_steps": 2, "callbacks": []})
     del spec["data"]["validation_size"]
     result = run_cli("validate", write_spec(tmp_path / "bad.json", spec), "--storage", tmp_path / "s",
                      "--datasets", mnist_dir)

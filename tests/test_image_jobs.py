@@ -31,7 +31,7 @@ def image_spec(train: str, validation: str, **fit) -> dict:
         "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01}, "loss": "categorical_crossentropy",
                     "metrics": ["accuracy"]},
         "fit": {"epochs": 3, "batch_size": 8, **fit},
-        "callbacks": {"checkpoint": {"monitor": "val_loss", "save_best_only": True, "keep": 1}, "tensorboard": None},
+        "callbacks": [{"class_name": "ModelCheckpoint", "config": {"monitor": "val_loss", "save_best_only": True, "keep": 1}}],
         "data_loader": {"processes": 2, "prefetch": 2},
         "scaling": {"workers": 2},
     }

@@ -130,9 +130,9 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, mnist_dir):
 
     spec = JobSpec.model_validate(small_spec(**{
         "data.train_size": 2000,
-        "callbacks.early_stopping": {"monitor": "loss", "mode": "max", "patience": 4,
+        "callbacks.EarlyStopping": {"monitor": "loss", "mode": "max", "patience": 4,
                                      "restore_best_weights": True},
-        "callbacks.checkpoint": {"monitor": "loss", "mode": "max", "keep": 1, "save_weights_only": True},
+        "callbacks.ModelCheckpoint": {"monitor": "loss", "mode": "max", "keep": 1, "save_weights_only": True},
         "scaling.max_failures": 1,
     }))
     prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(mnist_dir))

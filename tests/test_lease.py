@@ -338,7 +338,7 @@ def test_two_real_resumes_at_once_then_cancel_through_the_job_folder(tmp_path, m
     from orchestra.storage.lease import held
 
     storage_dir = tmp_path / "storage"
-    spec = write_spec(tmp_path / "long.json", small_spec(**{"fit.epochs": 500, "callbacks.early_stopping": None}))
+    spec = write_spec(tmp_path / "long.json", small_spec(**{"fit.epochs": 500, "callbacks.EarlyStopping": None}))
     prepared = prepare_new(str(spec), storage=str(storage_dir), datasets=str(mnist_dir), in_process=True)
     record = create_job(prepared, in_process=True)
     record.stop("interrupted after epoch 0")

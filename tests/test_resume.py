@@ -116,7 +116,7 @@ def test_tensorboard_rolled_back_to_a_checkpoint_has_no_duplicate_steps(tmp_path
                                        batch_losses=[0.5, 0.4, 0.3], steps=3), Decision())
 
     board = TensorBoard(tmp_path, update_freq="batch", hparams={"learning_rate": 0.1})
-    board.on_job_start("job-1")
+    board.on_train_begin("job-1")
     for number in (1, 2, 3, 4):
         epoch(board, number)
     saved_at_2 = {"epoch": 2, "steps": 3}
@@ -124,11 +124,11 @@ def test_tensorboard_rolled_back_to_a_checkpoint_has_no_duplicate_steps(tmp_path
     for number in (3, 4):
         epoch(board, number)
     resumed = TensorBoard(tmp_path, update_freq="batch", hparams={"learning_rate": 0.1})  # `orchestra resume` from epoch 3's
-    resumed.on_job_start("job-1")
+    resumed.on_train_begin("job-1")
     resumed.load_state_dict({"epoch": 3, "steps": 3})
     for number in (4, 5):
         epoch(resumed, number)
-    resumed.on_job_end({})
+    resumed.on_train_end({})
     assert tensorboard_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3, 4, 5]
     assert tensorboard_steps(tmp_path / "validation", "epoch_loss") == [1, 2, 3, 4, 5]
     assert tensorboard_steps(tmp_path / "train", "batch_loss") == list(range(1, 16))
@@ -140,17 +140,17 @@ def test_an_event_file_cut_short_by_a_killed_driver_is_rolled_back_to_its_whole_
         board.on_epoch_end(EpochResult(number, {"loss": 1.0 / number, "val_loss": 2.0 / number}, 1.0, 10.0), Decision())
 
     board = TensorBoard(tmp_path)
-    board.on_job_start("job-1")
+    board.on_train_begin("job-1")
     for number in (1, 2, 3):
         epoch(board, number)
-    board.on_job_end({})
+    board.on_train_end({})
     (events,) = (tmp_path / "train").glob("events.out.tfevents.*")
     events.write_bytes(events.read_bytes()[:-7])  # the last record, half written
     resumed = TensorBoard(tmp_path)
-    resumed.on_job_start("job-1")
+    resumed.on_train_begin("job-1")
     resumed.load_state_dict({"epoch": 2, "steps": 0})
     epoch(resumed, 3)
-    resumed.on_job_end({})
+    resumed.on_train_end({})
     assert tensorboard_steps(tmp_path / "train", "epoch_loss") == [1, 2, 3]
 
 

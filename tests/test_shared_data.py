@@ -214,8 +214,8 @@ def test_a_two_worker_job_maps_one_copy(tmp_path, mnist_dir):
     from orchestra.driver.run import create_job, run_job
     from orchestra.spec import JobSpec
 
-    spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 2, "callbacks.early_stopping": None,
-                                                "callbacks.tensorboard": None}))
+    spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 2, "callbacks.EarlyStopping": None,
+                                                "callbacks.TensorBoard": None}))
     prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(mnist_dir))
     record = create_job(prepared)
     seen = {}

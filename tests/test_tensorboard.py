@@ -98,7 +98,7 @@ def test_series_grow_while_the_job_runs(tmp_path, mnist_dir):
 
     # Slow enough to watch: 1,000 steps an epoch, one step per call.
     spec = JobSpec.model_validate(small_spec(**{"data.train_size": 20000, "fit.epochs": 8,
-                                                "callbacks.early_stopping": None,
+                                                "callbacks.EarlyStopping": None,
                                                 "performance.steps_per_execution": 1}))
     prepared = preflight(spec, storage=str(tmp_path), datasets=str(mnist_dir), check_cluster=False)
     record = create_job(prepared, in_process=True)
@@ -181,8 +181,8 @@ def test_batch_level_tensorboard_has_every_step(tmp_path, mnist_dir):
     from orchestra.driver.preflight import preflight
     from orchestra.driver.run import create_job, run_in_process
 
-    spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 3, "callbacks.early_stopping": None,
-                                                "callbacks.tensorboard": {"update_freq": "batch"}}))
+    spec = JobSpec.model_validate(small_spec(**{"fit.epochs": 3, "callbacks.EarlyStopping": None,
+                                                "callbacks.TensorBoard": {"update_freq": "batch"}}))
     prepared = preflight(spec, storage=str(tmp_path), datasets=str(mnist_dir), check_cluster=False)
     record = run_in_process(prepared, create_job(prepared, in_process=True))
     assert record.state.value == "SUCCEEDED", record.reason

@@ -176,8 +176,9 @@ WorkerDied.__name__ = "WorkerHealthCheckFailedError"
 def test_the_worker_that_died_is_named_over_peers_whose_collectives_it_cut():
     cut = RuntimeError("UnavailableError: Collective ops is aborted by: recvmsg: Connection reset by peer")
     group = SimpleNamespace(worker_failures={0: cut, 1: WorkerDied("worker 1 health check failed")})
-    reason = _error_text(group)
-    assert reason.startswith("worker 1: WorkerHealthCheckFailedError: worker 1 health check failed")
+    reason = _error_text(group, {"0": 4100, "1": 4101})
+    assert reason.startswith("worker 1 (pid 4101) died without reporting an error: killed by a signal")
+    assert "Ray saw WorkerHealthCheckFailedError: worker 1 health check failed" in reason
     assert "[then worker 0: RuntimeError: UnavailableError" in reason
     own = SimpleNamespace(worker_failures={0: cut, 1: ValueError("bad label 12")})
     assert _error_text(own).startswith("worker 1: ValueError: bad label 12")

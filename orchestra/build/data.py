@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from orchestra.errors import FieldError
-from orchestra.spec import MAX_CLASSES, DataSpec
+from orchestra.spec import MAX_CLASSES, DataSpec, JobSpec
 
 DATASETS_ENV = "ORCHESTRA_DATASETS"
 DEFAULT_DATASETS_DIR = Path("~/orchestra_datasets").expanduser()
@@ -45,10 +46,7 @@ def resolve_source(source: str, directory: Path) -> Path | None:
     is left to Keras's downloader (None).
     """
     if source.endswith(".npz"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FieldError("data.source", f"no such .npz file: {path}")
-        return path.resolve()
+        return npz_path(source, "data.source")
     candidate = directory / f"{source}.npz"
     if candidate.is_file():
         return candidate.resolve()
@@ -78,28 +76,15 @@ class Arrays:
 def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, np.ndarray]:
     """Keras's four arrays, from the .npz file or else from Keras's downloader."""
     if npz_path is not None:
-        try:
-            # Never pickles: a pickled (object) array would run code as it loads.
-            loaded = np.load(npz_path, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError("it holds one array, not an archive of named arrays")
-            with loaded as npz:
-                missing = {"x_train", "y_train"} - set(npz.files)
-                if missing:
-                    raise FieldError(
-                        "data.source",
-                        f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
-                        "x_train, y_train[, x_test, y_test]",
-                    )
-                return {key: npz[key] for key in npz.files}
-        except FieldError:
-            raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # corrupt, truncated, pickled
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            if "pickle" in reason.lower() or "object arrays" in reason.lower():
-                reason = "it holds pickled objects, which orchestra never loads"
-            raise FieldError("data.source", f"{npz_path} is not a readable .npz of arrays ({reason}); "
-                                            "save it with numpy.savez, without object arrays") from None
+        arrays = read_npz(npz_path, "data.source")
+        missing = {"x_train", "y_train"} - set(arrays)
+        if missing:
+            raise FieldError(
+                "data.source",
+                f"{npz_path} lacks {', '.join(sorted(missing))}; expected Keras's layout "
+                "x_train, y_train[, x_test, y_test]",
+            )
+        return arrays
     from orchestra.keras_compat import keras
 
     try:
@@ -114,31 +99,144 @@ def read_raw(source: str, npz_path: Path | None, directory: Path) -> dict[str, n
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
+def read_npz(path: Path, field: str, pick: Callable[[list[str]], list[str]] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` archive (those `pick` chooses from its names,
+    when given), never unpickling, and refused before loading when their headers declare more
+    bytes than this machine's memory (a compressed archive of zeros
+    declares gigabytes in a few kilobytes). Raises FieldError naming `field`."""
+    try:
+        # Never pickles: a pickled (object) array would run code as it loads.
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not an archive of named arrays")
+        with loaded as npz:
+            wanted = npz.files if pick is None else pick(npz.files)
+            declared = sum(_declared_bytes(npz.zip, name) for name in wanted)
+            if declared > _memory_bytes():
+                raise FieldError(field, f"{path} declares {declared / 2**30:.1f} GiB of arrays, more than this "
+                                        f"machine's {_memory_bytes() / 2**30:.1f} GiB of memory")
+            return {name: npz[name] for name in wanted}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # corrupt, truncated, pickled
+        if isinstance(exc, FieldError):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if "pickle" in reason.lower() or "object arrays" in reason.lower():
+            reason = "it holds pickled objects, which orchestra never loads"
+        raise FieldError(field, f"{path} is not a readable .npz of arrays ({reason}); "
+                                "save it with numpy.savez, without object arrays") from None
+
+
+def _declared_bytes(archive: zipfile.ZipFile, name: str) -> int:
+    """The bytes the `.npy` header of member `name` declares, read without its data."""
+    member_name = f"{name}.npy" if f"{name}.npy" in archive.namelist() else name
+    with archive.open(member_name) as member:
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(member),
+                                                                        np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(member)
+    return int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# The arrays a validation .npz may hold, in the order they are looked for.
+VALIDATION_PAIRS = (("x_val", "y_val"), ("x_test", "y_test"), ("x", "y"))
+
+
+def resolve_validation(spec: DataSpec) -> Path | None:
+    """The `.npz` file `data.validation` names (used as it is, as a
+    `data.source` path is), or None when it names no file."""
+    value = spec.validation_arrays
+    if value is None or value == "test":
+        return None
+    return npz_path(value, "data.validation")
+
+
+def npz_path(value: str, field: str) -> Path:
+    """The absolute path of the `.npz` file `value` names (a symlink
+    followed): a regular file, never a FIFO, device or folder, which reading
+    would block on or fail in. Raises FieldError naming `field`."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is not a regular file (a folder, FIFO or device is never read)" if path.exists() else "does not exist"
+        raise FieldError(field, f"{path} {what}; give the path of an .npz file")
+    return path.resolve()
+
+
+def with_validation_resolved(spec: JobSpec) -> JobSpec:
+    """`spec` with its validation `.npz` as an absolute path, so that every
+    worker, whatever its working folder, reads the file the driver checked."""
+    path = resolve_validation(spec.data)
+    if path is None or str(path) == spec.data.validation:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"validation": str(path)})})
+
+
+def read_validation(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) pair of a validation `.npz`: x_val, y_val, else x_test,
+    y_test, else x, y."""
+    pairs = ", ".join(f"{x}/{y}" for x, y in VALIDATION_PAIRS)
+
+    def first_pair(names: list[str]) -> list[str]:
+        for x_name, y_name in VALIDATION_PAIRS:
+            if x_name in names and y_name in names:
+                return [x_name, y_name]
+        raise FieldError("data.validation", f"{path} holds {', '.join(sorted(names)) or 'no arrays'}; "
+                                            f"a validation .npz holds one of the pairs {pairs}")
+
+    x_val, y_val = read_npz(path, "data.validation", first_pair).values()  # only the pair is loaded
+    return x_val, y_val
+
+
+def split_indices(n: int, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices into the `n` training examples, as
+    scikit-learn's `train_test_split(x, y, test_size=validation_split or
+    validation_size, train_size=train_size, random_state=seed)` draws them:
+    one `RandomState(seed)` permutation, validation its first `n_test`
+    (`ceil(validation_split * n)`, or `validation_size`, or what
+    `train_size` leaves), training the next `train_size` (or the rest).
+    Nothing to draw: every example, in order, for training."""
+    test_size = spec.validation_split if spec.validation_split is not None else spec.validation_size
+    if test_size is None and spec.train_size is None:
+        return np.arange(n), np.arange(0)
+    if isinstance(test_size, float):
+        n_test = int(np.ceil(test_size * n))
+    else:
+        n_test = n - spec.train_size if test_size is None else test_size
+    n_train = n - n_test if spec.train_size is None else spec.train_size
+    split_field = "data.validation_split" if spec.validation_split is not None else "data.validation_size"
+    if spec.train_size is None and n_test >= n:
+        raise FieldError(split_field, f"takes {n_test} of the {n} training examples and leaves none to train on")
+    if n_test < 0 or n_train + n_test > n:
+        raise FieldError(
+            "data.train_size" if spec.train_size and test_size is None else split_field,
+            f"asks for {max(n_test, 0)} validation + {n_train} training examples but the source has {n}",
+        )
+    order = np.random.RandomState(spec.seed).permutation(n)
+    return order[n_test:n_test + n_train], order[:n_test]
+
+
 def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
     """Split, subset, rescale, reshape and encode the arrays as the spec says."""
     raw = read_raw(spec.source, npz_path, directory)
     x, y = raw["x_train"], _column(raw["y_train"])
-    rng = np.random.default_rng(spec.seed)
-    order = rng.permutation(len(x))
-    n_val = 0
-    if spec.validation_split is not None:
-        n_val = int(np.ceil(spec.validation_split * len(x)))
-    elif spec.validation_size is not None:
-        n_val = spec.validation_size
-    train_idx = order[n_val:]
-    if spec.train_size is not None:
-        train_idx = train_idx[: spec.train_size]
-    if n_val + (spec.train_size or 1) > len(x):
-        raise FieldError(
-            "data.validation_size" if spec.validation_size else "data.train_size",
-            f"asks for {n_val} validation + {spec.train_size or 1} training examples "
-            f"but the source has {len(x)}",
-        )
-    val_idx = order[:n_val]
-    x_test = raw.get("x_test") if spec.test else None
-    y_test = raw.get("y_test") if spec.test else None
+    train_idx, val_idx = split_indices(len(x), spec)
+    x_test, y_test = raw.get("x_test"), raw.get("y_test")
     if x_test is not None and spec.test_size is not None:
         x_test, y_test = x_test[: spec.test_size], y_test[: spec.test_size]
+    x_val, y_val = (x[val_idx], y[val_idx]) if len(val_idx) else (None, None)
+    if spec.validation_arrays == "test":
+        if x_test is None or y_test is None:
+            raise FieldError("data.validation", f"is 'test' but {npz_path or spec.source} has no x_test, y_test")
+        x_val, y_val = x_test, _column(y_test)
+        _check_validation(x_val, y_val, x, y, spec)
+    elif spec.validation_arrays is not None:
+        x_val, y_val = read_validation(resolve_validation(spec))
+        y_val = _column(y_val)
+        _check_validation(x_val, y_val, x, y, spec)
+    if not spec.test:
+        x_test = y_test = None
 
     num_classes = (spec.num_classes or int(np.max(y)) + 1) if spec.labels == "one_hot" else None
     if num_classes is not None and num_classes > MAX_CLASSES:  # before np.eye: its memory grows with the square
@@ -155,14 +253,51 @@ def prepare(spec: DataSpec, npz_path: Path | None, directory: Path) -> Arrays:
             raise FieldError("data.num_classes", f"label {int(a.max())} is not below num_classes {num_classes}")
         return np.eye(num_classes, dtype=np.float32)[a.astype(np.int64)]
 
-    return Arrays(
+    arrays = Arrays(
         x_train=prepare_features(x[train_idx], spec),
         y_train=labels(y[train_idx]),
-        x_val=prepare_features(x[val_idx], spec) if n_val else None,
-        y_val=labels(y[val_idx]) if n_val else None,
+        x_val=None, y_val=None,
         x_test=prepare_features(x_test, spec) if x_test is not None else None,
         y_test=labels(_column(y_test)) if x_test is not None else None,
     )
+    if spec.validation_arrays == "test" and arrays.x_test is not None:
+        arrays.x_val, arrays.y_val = arrays.x_test, arrays.y_test  # the same examples: one copy
+    elif x_val is not None:
+        arrays.x_val, arrays.y_val = prepare_features(x_val, spec), labels(y_val)
+    return arrays
+
+
+def _check_validation(x_val: np.ndarray, y_val: np.ndarray, x: np.ndarray, y: np.ndarray, spec: DataSpec) -> None:
+    """Validation arrays that are not a split of the training arrays, against
+    them: the model is built for, and checked against, the training
+    examples and labels; validation examples must fit the same model."""
+    where = "the test arrays" if spec.validation_arrays == "test" else f"the arrays of {spec.validation_arrays}"
+    if x_val.ndim == 0 or y_val.ndim == 0:
+        raise FieldError("data.validation", f"{where} are single numbers, not one example and label a row")
+    if x_val.dtype.kind not in "biuf":
+        raise FieldError("data.validation", f"{where} hold {x_val.dtype} examples; examples are numbers "
+                                            "(bool, integer or float), as the training examples are")
+    if len(x_val) != len(y_val):
+        raise FieldError("data.validation", f"{where} hold {len(x_val)} examples but {len(y_val)} labels")
+    if len(x_val) == 0:
+        raise FieldError("data.validation", f"{where} hold no examples")
+    if x_val.shape[1:] != x.shape[1:]:
+        raise FieldError("data.validation", f"{where} hold examples of shape {x_val.shape[1:]} but the training "
+                                            f"examples are {x.shape[1:]}")
+    if y_val.shape[1:] != y.shape[1:]:
+        raise FieldError("data.validation", f"{where} hold labels of shape {y_val.shape[1:]} but the training "
+                                            f"labels are {y.shape[1:]}")
+    if y.ndim != 1 or y.dtype.kind not in "iu" or spec.images is not None:
+        return  # one-hot, multi-output or regression targets: the shape check is the check
+    if y_val.dtype.kind not in "iu":
+        raise FieldError("data.validation", f"{where} hold {y_val.dtype} labels but the training labels are "
+                                            f"integer classes")
+    top = spec.num_classes - 1 if spec.num_classes else int(y.max())
+    low, high = int(y_val.min()), int(y_val.max())
+    if low < min(0, int(y.min())) or high > top:
+        raise FieldError("data.validation", f"{where} hold labels from {low} to {high} but the training "
+                                            f"labels (which the model is checked against) go from "
+                                            f"{int(y.min())} to {top}")
 
 
 def prepare_features(a: np.ndarray, spec: DataSpec) -> np.ndarray:

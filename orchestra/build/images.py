@@ -3,11 +3,12 @@
 The files are listed (and each checked to be a readable image) once, on
 the driver; the workers get the list and share every global batch as they
 do with arrays (`data.training_pipeline`), so each file is read once per
-epoch across the job. A batch is decoded and augmented by a pool of
-`data_loader.processes` threads (Pillow and SciPy release the GIL while
-they work); the transforms are Keras's `ImageDataGenerator` ones, drawn
-from a generator seeded by (seed, epoch, file), and training batches only
-are augmented.
+epoch across the job. On a training worker a batch is decoded and
+augmented by its `data_loader.processes` loader processes
+(`loader_processes.LoaderPool`); the driver's and the client's few reads
+decode in their own process. The transforms are Keras's
+`ImageDataGenerator` ones, drawn from a generator seeded by (seed, epoch,
+file), and training batches only are augmented.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from orchestra.build.loader_processes import LoaderPool, Recipe, decode_image
 from orchestra.errors import FieldError, printable
-from orchestra.spec import MAX_CLASSES, AugmentationSpec, DataSpec, ImageFolderSpec
+from orchestra.spec import MAX_CLASSES, DataSpec, ImageFolderSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -200,38 +202,15 @@ def encode_labels(classes: np.ndarray, label_mode: str, num_classes: int) -> np.
 def decode(path: str, images: ImageFolderSpec) -> np.ndarray:
     """One file as float32 (height, width, channels), resized as Keras's
     `load_img` does by default (nearest neighbour)."""
-    from PIL import Image
-
     height, width = images.target_size
-    with Image.open(path) as image:
-        image = image.convert("RGB" if images.color_mode == "rgb" else "L")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.NEAREST)
-        array = np.asarray(image, dtype=np.float32)
-    return array if array.ndim == 3 else array[..., None]
+    return decode_image(path, height, width, images.color_mode != "rgb")
 
 
-def augment(x: np.ndarray, spec: AugmentationSpec, rng: np.random.Generator) -> np.ndarray:
-    """A random transform drawn as `ImageDataGenerator.get_random_transform`
-    draws it, applied by Keras's own `apply_affine_transform`."""
-    from orchestra.keras_compat import keras
-
-    image = keras().preprocessing.image
-    rows, cols = x.shape[0], x.shape[1]
-    theta = rng.uniform(-spec.rotation_range, spec.rotation_range) if spec.rotation_range else 0
-    tx = rng.uniform(-spec.height_shift_range, spec.height_shift_range) * rows if spec.height_shift_range else 0
-    ty = rng.uniform(-spec.width_shift_range, spec.width_shift_range) * cols if spec.width_shift_range else 0
-    shear = rng.uniform(-spec.shear_range, spec.shear_range) if spec.shear_range else 0
-    zx, zy = rng.uniform(1 - spec.zoom_range, 1 + spec.zoom_range, 2) if spec.zoom_range else (1, 1)
-    x = image.apply_affine_transform(
-        x, theta=theta, tx=tx, ty=ty, shear=shear, zx=zx, zy=zy,
-        row_axis=0, col_axis=1, channel_axis=2, fill_mode=spec.fill_mode, cval=0.0, order=1,
-    )
-    if spec.horizontal_flip and rng.random() < 0.5:
-        x = x[:, ::-1]
-    if spec.vertical_flip and rng.random() < 0.5:
-        x = x[::-1]
-    return np.ascontiguousarray(x, dtype=np.float32)
+def recipe(spec: DataSpec, seed: int) -> Recipe:
+    """What a loader does to each file of a spec's image folders."""
+    height, width = spec.images.target_size
+    augmentation = spec.augmentation.model_dump() if spec.augmentation is not None else None
+    return Recipe(height, width, spec.images.color_mode != "rgb", spec.rescale, augmentation, seed)
 
 
 class FolderExamples:
@@ -241,14 +220,33 @@ class FolderExamples:
         index: the files and their classes.
         spec: the job's `data` section (target size, colour, labels,
             rescale, augmentation).
-        threads: the decoding pool's size (`data_loader.processes`).
+        threads: with no `pool`, the size of the thread pool that decodes
+            in this process (the driver's and the client's reads).
         seed: seeds the augmentation with (seed, epoch, file index).
+        pool: loader processes that decode instead (a training worker's,
+            `data_loader.processes` of them, shared by its sets); made
+            with `recipe(spec, seed)`.
+
+    Example:
+
+    >>> import tempfile
+    >>> from orchestra.tools.samples import write_image_tree
+    >>> root = str(write_image_tree(tempfile.mkdtemp(), per_class=2, size=8))
+    >>> spec = DataSpec.model_validate({"images": {"train_dir": root, "target_size": [8, 8],
+    ...                                                "label_mode": "int"}})
+    >>> index = index_folder(root, "data.images.train_dir")
+    >>> with LoaderPool(2, recipe(spec, seed=0)) as pool:
+    ...     x, y = FolderExamples(index, spec, seed=0, pool=pool).load_batch(np.arange(4), np.int64(0))
+    >>> x.shape, y.tolist()
+    ((4, 8, 8, 3), [0, 0, 1, 1])
     """
 
-    def __init__(self, index: FolderIndex, spec: DataSpec, threads: int, seed: int):
-        self.index, self.spec, self.seed = index, spec, seed
+    def __init__(self, index: FolderIndex, spec: DataSpec, threads: int = 1, seed: int = 0,
+                 pool: LoaderPool | None = None):
+        self.index, self.spec, self.seed, self.pool = index, spec, seed, pool
+        self.recipe = recipe(spec, seed)
         self.y = encode_labels(index.labels, spec.images.label_mode, len(index.class_names))
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="orchestra-images")
+        self.threads = None if pool else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="orchestra-images")
 
     def __len__(self) -> int:
         return len(self.index.files)
@@ -258,17 +256,15 @@ class FolderExamples:
         return self.y
 
     def load(self, i: int, epoch: int) -> np.ndarray:
-        """Example `i` as the model sees it; augmented when `epoch` >= 0."""
-        x = decode(self.index.files[i], self.spec.images)
-        if self.spec.augmentation is not None and epoch >= 0:
-            x = augment(x, self.spec.augmentation, np.random.default_rng([self.seed, epoch, i]))
-        if self.spec.rescale is not None:
-            x *= np.float32(self.spec.rescale)
-        return x
+        """Example `i` as the model sees it, in this process; augmented when `epoch` >= 0."""
+        return self.recipe.load(self.index.files[i], i, epoch)
 
     def load_batch(self, indices: np.ndarray, epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        images = list(self.pool.map(lambda i: self.load(int(i), int(epoch)), indices))
-        return np.stack(images), self.y[indices]
+        if self.pool is not None:
+            x = self.pool.load([(int(i), self.index.files[i]) for i in indices], int(epoch))
+        else:
+            x = np.stack(list(self.threads.map(lambda i: self.load(int(i), int(epoch)), indices)))
+        return x, self.y[indices]
 
     def fetch(self, indices, epoch):
         import tensorflow as tf

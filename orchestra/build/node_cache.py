@@ -12,8 +12,9 @@ writes to them).
     <tmp>/orchestra-arrays-<uid>/<key>.lock             held by every process using them
     <tmp>/orchestra-arrays-<uid>/<key>.make             one maker at a time
 
-The key hashes the data spec, the source file's identity (path, size,
-modification time, inode) and the boot, so a different spec, a changed
+The key hashes the data spec (its validation choice too), the identity
+(path, size, modification time, inode) of the source file and of the
+validation file, and the boot, so a different spec, a changed
 file or a file half-written before a crash is never read. Every process
 that maps a set holds its `.lock` shared for the rest of its life; a set
 whose `.lock` nobody holds any more (its job ended, or was killed: the
@@ -34,14 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestra.build.data import Arrays, prepare
+from orchestra.build.data import Arrays, prepare, resolve_validation
 from orchestra.spec import DataSpec
 
 NAMES = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 LOCK_SUFFIX = ".lock"
 MAKE_SUFFIX = ".make"
-FORMAT = 1
+FORMAT = 2  # 2: the validation-is-test marker
 KEY_LENGTH = 32
+SAME_AS_TEST = "validation-is-test"  # marker: x_val, y_val are x_test, y_test
 
 # key → the descriptor of its `.lock`, held shared for the life of this process.
 _held: dict[str, int] = {}
@@ -83,15 +85,17 @@ def node_arrays(spec: DataSpec, npz_path: Path | None, directory: Path, root: Pa
 
 def cache_key(spec: DataSpec, npz_path: Path | None) -> str:
     """Names one set of prepared arrays: the same key, the same arrays."""
-    if npz_path is None:
-        source = {"keras": spec.source}
-    else:
-        stat = os.stat(npz_path)
-        source = {"path": str(Path(npz_path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                  "inode": stat.st_ino}
+    source = {"keras": spec.source} if npz_path is None else _identity(npz_path)
+    validation = resolve_validation(spec)
     text = json.dumps({"format": FORMAT, "boot": _boot_id(), "data": spec.model_dump(mode="json"),
-                       "source": source}, sort_keys=True)
+                       "source": source, "validation": validation and _identity(validation)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def _identity(path: Path) -> dict:
+    """What tells one version of a file from another."""
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
 def _boot_id() -> str:
@@ -136,6 +140,8 @@ def _mapped(entry: Path) -> Arrays | None:
     try:
         arrays = Arrays(**{name: np.load(entry / f"{name}.npy", mmap_mode="c", allow_pickle=False)
                            if (entry / f"{name}.npy").exists() else None for name in NAMES})
+        if (entry / SAME_AS_TEST).exists():
+            arrays.x_val, arrays.y_val = arrays.x_test, arrays.y_test
     except (OSError, ValueError):
         arrays = None
     if arrays is None or not _complete(arrays):
@@ -158,10 +164,13 @@ def _write(entry: Path, arrays: Arrays) -> None:
     staging = entry.with_name(f".{entry.name}.{os.getpid()}")
     staging.mkdir(mode=0o700)
     try:
+        same = arrays.x_val is not None and arrays.x_val is arrays.x_test and arrays.y_val is arrays.y_test
         for name in NAMES:
             array = getattr(arrays, name)
-            if array is not None:
+            if array is not None and not (same and name in ("x_val", "y_val")):
                 np.save(staging / f"{name}.npy", array, allow_pickle=False)
+        if same:  # validation on the test arrays: one copy of them on disk and in the page cache
+            (staging / SAME_AS_TEST).touch()
         os.rename(staging, entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,7 @@ changing what Keras computes.
 
 from __future__ import annotations
 
-from orchestra.spec import JobSpec
+from orchestra.spec import JobSpec, TensorBoardSpec, config_of
 
 MAX_STEPS_PER_EXECUTION = 50
 EVALUATION_BATCH = 1024
@@ -20,8 +20,8 @@ def steps_per_execution(spec: JobSpec, steps_per_epoch: int) -> int:
     chosen = spec.performance.steps_per_execution
     if chosen != "auto":
         return chosen
-    board = spec.callbacks.tensorboard
-    if board is not None and board.update_freq == "batch":
+    board = config_of(spec.callbacks, TensorBoardSpec)
+    if board is not None and board.batch_every is not None:
         return 1
     return max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch))
 

@@ -22,7 +22,7 @@ from typing import Any
 from orchestra.client.inference import evaluate, load_model, predict
 from orchestra.client.local import LocalJobs
 from orchestra.client.ray_jobs import RayJobs, submission_address
-from orchestra.errors import ClusterError
+from orchestra.errors import StorageError
 from orchestra.spec import JobSpec, load_spec
 from orchestra.storage.folders import Storage, storage_root
 from orchestra.storage.record import JobStatus
@@ -80,9 +80,18 @@ class Client:
             raise TimeoutError(f"job {job_id} is still {state} after {timeout:g} s") from None
         return self.status(job_id)
 
-    def follow(self, job_id: str) -> Iterator[str]:
+    def follow(self, job_id: str, latest_only: bool = False) -> Iterator[str]:
         """The driver's output as it comes, in chunks, until the job has
-        ended; on a cluster streamed, each byte once."""
+        ended; on a cluster streamed, each byte once.
+
+        Args:
+            job_id: the job.
+            latest_only: on a cluster, only the output of the job's latest
+                run (after a resume, the resumed one's). Here a resumed job's
+                driver writes on in the same log, all of which is followed.
+        """
+        if latest_only and self.address:
+            return self._jobs.follow(job_id, latest_only=True)
         return self._jobs.follow(job_id)
 
     def metrics(self, job_id: str) -> list[dict[str, float]]:
@@ -98,20 +107,34 @@ class Client:
         self._jobs.cancel(job_id)
         return self.wait(job_id, timeout, poll_seconds=0.5)
 
-    def resume(self, job_id: str, datasets: str | None = None) -> None:
+    def resume(self, job_id: str, workers: int | None = None, datasets: str | None = None,
+               storage: str | None = None) -> None:
         """Continue a STOPPED or FAILED job (a lost driver's job is FAILED)
-        from its latest checkpoint, in a background driver on this machine;
-        follow it with `status` or `wait`. Raises JobStateError for a job in
-        any other state.
+        from its latest checkpoint, with the numbers of a run never stopped;
+        return once its new driver owns the job, and follow it with
+        `status` or `wait`. Here the driver runs in the background on this
+        machine; on a cluster it is a new Ray job of the same job (same id,
+        same folder, one history). Raises JobStateError for a job in any
+        other state, or with the driver's words if it refuses.
 
         Args:
             job_id: the job.
-            datasets: the dataset directory (default: ORCHESTRA_DATASETS).
+            workers: continue on this many workers (default: as before). The
+                global batch (fit.batch_size) stays what it was, so it must
+                divide among them; each epoch's numbers are the same, within
+                float noise, as on the job's own count.
+            datasets: the dataset directory where the driver runs (default:
+                ORCHESTRA_DATASETS; on a cluster, the job's submission's).
+            storage: on a cluster, its storage as the cluster sees it
+                (default: the job's submission's, else the cluster's
+                ORCHESTRA_STORAGE); here, the Client's own is the job's.
         """
         if self.address:
-            raise ClusterError("resume runs a driver on the machine that holds the storage: "
-                               "there, use Client(storage=PATH).resume(job_id)")
-        self._jobs.resume(job_id, datasets=datasets)
+            self._jobs.resume(job_id, workers=workers, datasets=datasets, storage=storage)
+            return
+        if storage is not None and storage_root(storage) != self.storage.root:
+            raise StorageError(f"this client reads jobs from {self.storage.root}: make a Client(storage={storage!r})")
+        self._jobs.resume(job_id, datasets=datasets, workers=workers)
 
     # These read the job's files from this machine: on a cluster, give the
     # Client the storage's mount here (`Client(address, storage=PATH)`).

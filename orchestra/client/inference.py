@@ -172,6 +172,10 @@ def evaluation_arrays(data: DataSpec, datasets: str | None = None) -> tuple[np.n
         x, y = FolderExamples(index, data, threads=4, seed=0).arrays()
         return x, y, which
     directory = data_lib.datasets_dir(datasets)
+    if data.shards is not None:
+        from orchestra.build.shards import evaluation_arrays
+
+        return evaluation_arrays(data, directory)
     arrays = data_lib.prepare(data, data_lib.resolve_source(data.source, directory), directory)
     for which, x, y in (("test", arrays.x_test, arrays.y_test), ("validation", arrays.x_val, arrays.y_val)):
         if x is not None:

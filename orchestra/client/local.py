@@ -25,6 +25,7 @@ from pathlib import Path
 from orchestra.errors import StorageError
 from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
+from orchestra.storage.bucket import node_path
 from orchestra.storage.folders import Storage, check_job_id, new_job_id, storage_root
 from orchestra.storage.lease import (
     SMALL_FILE_LIMIT,
@@ -50,7 +51,7 @@ class LocalJobs:
 
     def __init__(self, storage: Storage):
         self.storage = storage
-        self.drivers = storage.root / DRIVERS_DIR
+        self.drivers = node_path(storage.root) / DRIVERS_DIR  # on a bucket: a folder of this machine's
 
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
                datasets: str | None = None) -> str:
@@ -59,7 +60,7 @@ class LocalJobs:
         from orchestra.driver.preflight import preflight
 
         if storage is not None and storage_root(storage) != self.storage.root:
-            raise StorageError(f"this client reads jobs from {self.storage.root}: make a Client(storage={storage!r})")
+            raise StorageError(f"this client reads jobs from {self.storage.where}: make a Client(storage={storage!r})")
         spec = spec.with_overrides(workers=workers)
         prepared = preflight(spec, storage=str(self.storage.root), datasets=datasets)
         job_id = new_job_id(spec.name)
@@ -69,15 +70,18 @@ class LocalJobs:
                            "w")
         return job_id
 
-    def resume(self, job_id: str, datasets: str | None = None) -> None:
+    def resume(self, job_id: str, datasets: str | None = None, workers: int | None = None) -> None:
         """Check that the job can resume (JobStateError if not), then continue
-        it from its latest checkpoint with a background driver."""
+        it from its latest checkpoint with a background driver (on `workers`
+        workers if given; JobStateError with the driver's words if it refuses)."""
         from orchestra.driver.resume import check_resumable
         from orchestra.errors import JobStateError
 
         resumes = check_resumable(self.storage, job_id).resumes
         self.drivers.mkdir(parents=True, exist_ok=True)
-        driver = self._start_driver(job_id, ["resume", job_id, *(["--datasets", datasets] if datasets else [])], "a")
+        options = [*(["--datasets", datasets] if datasets else []),
+                   *(["--workers", str(workers)] if workers is not None else [])]
+        driver = self._start_driver(job_id, ["resume", job_id, *options], "a")
         # Returns once the driver owns the job: until then its record is the lost one's.
         while self.storage.read_record(job_id).resumes == resumes:
             if driver.poll() is not None:

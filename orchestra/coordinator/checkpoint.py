@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,9 @@ from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.monitor import Monitor, checkpoint_mode
 from orchestra.coordinator.protocol import CheckpointOrder, CheckpointRef, Decision
 from orchestra.errors import StorageError
+from orchestra.spec.callbacks import check_job_file, format_filepath
+from orchestra.storage.bucket import pull_folder, push_file
+from orchestra.storage.folders import model_file, remove_published
 
 
 class Checkpoint(CoordinatorCallback):
@@ -32,6 +36,12 @@ class Checkpoint(CoordinatorCallback):
         save_weights_only: save weights (`model.weights.h5`) rather than the
             whole model (`model.keras`).
         keep: how many of the newest checkpoints to keep.
+        filepath: Keras's file name template (`{epoch}` and the epoch's
+            metrics): each saved checkpoint's model file is also published
+            under that name inside the checkpoints folder, as Keras would
+            write it (and, as in Keras, retention never deletes it).
+        initial_value_threshold: with `save_best_only`, the value the first
+            save must beat.
 
     Example:
 
@@ -52,13 +62,17 @@ class Checkpoint(CoordinatorCallback):
         save_best_only: bool = False,
         save_weights_only: bool = False,
         keep: int = 3,
+        filepath: str | None = None,
+        initial_value_threshold: float | None = None,
     ):
         self.directory_for_epoch = directory_for_epoch
         self.monitor = Monitor(monitor, checkpoint_mode(monitor, mode))
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
         self.keep = keep
-        self.best = self.monitor.worst
+        self.filepath = filepath
+        self.best = self.monitor.worst if initial_value_threshold is None else initial_value_threshold
+        self._names: dict[int, str] = {}  # epoch → its filepath, resolved, until saved
         self.saved: list[dict[str, Any]] = []  # {"epoch", "path", "value"}, oldest first
         self._pending: dict[int, float | None] = {}
         self.before_delete: Callable[[], None] = lambda: None  # the driver's lease check (storage.lease)
@@ -73,9 +87,14 @@ class Checkpoint(CoordinatorCallback):
         # The coordinator adds every callback's state once all have decided.
         decision.checkpoint = CheckpointOrder(str(self.directory_for_epoch(result.epoch)), self.save_weights_only, {})
         self._pending[result.epoch] = current
+        if self.filepath is not None:
+            self._names[result.epoch] = format_filepath(self.filepath, result.epoch, result.metrics)
 
     def on_checkpoint_saved(self, checkpoint: CheckpointRef) -> None:
         value = self._pending.pop(checkpoint.epoch, None)
+        name = self._names.pop(checkpoint.epoch, None)
+        if name is not None:
+            self._publish_as(Path(checkpoint.path), name)
         self.saved = [entry for entry in self.saved if entry["epoch"] != checkpoint.epoch]
         self.saved.append({"epoch": checkpoint.epoch, "path": checkpoint.path, "value": value})
         best = self.best_entry
@@ -83,8 +102,30 @@ class Checkpoint(CoordinatorCallback):
         for entry in self.saved:
             if entry not in keep:
                 self.before_delete()
-                shutil.rmtree(entry["path"], ignore_errors=True)
+                remove_published(entry["path"])  # in a bucket too
         self.saved = [entry for entry in self.saved if entry in keep]
+
+    def _publish_as(self, folder: Path, name: str) -> None:
+        """The checkpoint's model file, also under Keras's name `name` inside
+        the checkpoints folder: linked (or copied), then renamed into place."""
+        root = folder.parent
+        try:
+            check_job_file(name, "the job's checkpoints/ folder")
+        except ValueError as exc:
+            raise StorageError(f"ModelCheckpoint's filepath formats to {name!r}, which {exc}") from None
+        target = root / name
+        if not target.resolve().is_relative_to(root.resolve()):
+            raise StorageError(f"ModelCheckpoint's filepath {name!r} leaves the checkpoints folder {root}")
+        source = model_file(pull_folder(folder))  # in a bucket, the driver reads it from there
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        staging.unlink(missing_ok=True)
+        try:
+            os.link(source, staging)
+        except OSError:
+            shutil.copyfile(source, staging)
+        os.replace(staging, target)
+        push_file(target)
 
     @property
     def best_entry(self) -> dict[str, Any] | None:

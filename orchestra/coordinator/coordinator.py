@@ -11,6 +11,7 @@ from orchestra.coordinator.aggregate import aggregate
 from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.checkpoint import Checkpoint
 from orchestra.coordinator.monitor import Monitor, early_stopping_mode
+from orchestra.coordinator.plugin import PluginCallback
 from orchestra.coordinator.protocol import (
     CheckpointRef,
     CheckpointSaved,
@@ -59,7 +60,7 @@ class Coordinator:
             fallback_monitor, early_stopping_mode(fallback_monitor, "auto"))
         self._best = _BestEpoch(monitor, record.history)
         for callback in list(callbacks):
-            self._call(callback, callback.on_job_start, record.job_id)
+            self._call(callback, callback.on_train_begin, record.job_id)
         self.initial_state = self.state_dict()
 
     def handle(self, event: Event) -> Decision | None:
@@ -95,8 +96,11 @@ class Coordinator:
         decision = Decision()
         for callback in list(self.callbacks):
             self._call(callback, callback.on_epoch_end, result, decision)
+        if decision.failure is not None:  # nothing of a failed epoch is kept
+            decision.stop, decision.checkpoint, decision.snapshot_best_weights = True, None, False
         if decision.checkpoint is not None:
-            state = {"epoch": result.epoch, "callbacks": self.state_dict()}
+            state = {"epoch": result.epoch, "callbacks": self.state_dict(),
+                     "learning_rate": _next_learning_rate(result, decision)}
             decision.checkpoint = dataclasses.replace(decision.checkpoint, state=state)
         if "first_epoch" not in self.record.startup:
             self.record.startup = {**self.record.startup, **_chief_startup(reports), "first_epoch": time.time()}
@@ -106,6 +110,8 @@ class Coordinator:
         self.record.metrics = entry
         self.record.epochs_completed = result.epoch
         self._best.see(entry)
+        if decision.failure is not None:
+            self.record.fail(decision.failure)
         self._refresh_record()
         self.progress(result)
         return decision
@@ -154,7 +160,7 @@ class Coordinator:
         self.record.model_path = final.model_path
         self._refresh_record()
         for callback in list(self.callbacks):
-            self._call(callback, callback.on_job_end, self.record.status().model_dump(mode="json"))
+            self._call(callback, callback.on_train_end, self.record.status().model_dump(mode="json"))
 
     def _call(self, callback: CoordinatorCallback, method: Callable, *args: Any) -> None:
         """Call a callback; one whose writes are optional (TensorBoard) and
@@ -170,22 +176,36 @@ class Coordinator:
                                     f"{type(callback).__name__} stopped writing: {exc}; training went on"[:500]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {type(cb).__name__: cb.state_dict() for cb in self.callbacks}
+        return {_state_key(cb): cb.state_dict() for cb in self.callbacks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for callback in self.callbacks:
-            if type(callback).__name__ in state:
-                callback.load_state_dict(state[type(callback).__name__])
+            if _state_key(callback) in state:
+                callback.load_state_dict(state[_state_key(callback)])
 
     def _refresh_record(self) -> None:
         fields: dict[str, Any] = {}
         for callback in self.callbacks:
             fields.update(callback.record_fields())
+        plugins = {cb.name: cb.plugin_fields() for cb in self.callbacks if isinstance(cb, PluginCallback)}
+        if plugins:
+            fields["plugins"] = {**self.record.plugins, **plugins}
         if "best_epoch" not in fields:
             fields.update(self._best.record_fields())
         for name, value in fields.items():
             setattr(self.record, name, value)
         self.storage.write_record(self.record)
+
+
+def _state_key(callback: CoordinatorCallback) -> str:
+    """Where a callback's state is kept in a checkpoint: a plugin's under its name, others' under their class."""
+    return callback.state_key if isinstance(callback, PluginCallback) else type(callback).__name__
+
+
+def _next_learning_rate(result: EpochResult, decision: Decision) -> float | None:
+    """The rate the next epoch trains with, kept with a checkpoint: workers
+    that restart from it set it, as the driver decided it."""
+    return decision.learning_rate if decision.learning_rate is not None else result.metrics.get("learning_rate")
 
 
 def _chief_startup(reports: tuple[WorkerReport, ...]) -> dict[str, float]:

@@ -99,12 +99,22 @@ class Decision:
     """What every worker does after an epoch, the same on every worker.
 
     `superseded` tells a worker of an old attempt (a group Ray Train has
-    replaced) to stop without finishing the job."""
+    replaced) to stop without finishing the job; `failure` (a reason) ends
+    the job FAILED: every worker stops without saving a final model.
+    `learning_rate`, when set, is the rate every worker trains the next
+    epoch with (ReduceLROnPlateau, LearningRateScheduler)."""
 
     stop: bool = False
     snapshot_best_weights: bool = False
     checkpoint: CheckpointOrder | None = None
     superseded: bool = False
+    learning_rate: float | None = None
+    failure: str | None = None
+
+    @property
+    def finishes(self) -> bool:
+        """Whether the workers go on to test and save the final model once training stops."""
+        return not self.superseded and self.failure is None
 
 
 @dataclass(frozen=True)

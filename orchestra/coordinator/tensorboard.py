@@ -14,10 +14,12 @@ class TensorBoard(CoordinatorCallback):
     """One `train` and one `validation` run under `logdir`, as Keras's
     TensorBoard callback lays them out: `epoch_loss`, `epoch_<metric>`
     (validation values without their `val_` prefix), `epoch_learning_rate`,
-    plus `epoch_time_seconds` and `epoch_samples_per_second`; one point per
-    epoch at step = epoch (counted from 1), flushed every epoch so a running
-    job's curves grow. With `update_freq="batch"`, `batch_loss` at the global
-    step of every batch too. The job's own run (the folder itself) holds its
+    plus `epoch_time_seconds` and `epoch_samples_per_second` and the scalars
+    callbacks add (`EpochResult.add_scalar`; so TensorBoard runs after
+    them); one point per epoch at step = epoch (counted from 1), flushed
+    every epoch so a running job's curves grow. With `update_freq="batch"`,
+    `batch_loss` at the global step of every batch too; with an integer N,
+    of every Nth global step. The job's own run (the folder itself) holds its
     hyperparameters for TensorBoard's HParams dashboard, the model summary,
     and at the end a summary of the outcome, as text.
 
@@ -28,7 +30,7 @@ class TensorBoard(CoordinatorCallback):
 
     Args:
         logdir: the job's TensorBoard folder.
-        update_freq: `epoch` or `batch`.
+        update_freq: `epoch`, `batch` or an integer N (every Nth batch).
         hparams: hyperparameters to compare jobs by (str, int, float, bool).
         model_summary: the model's summary, shown as text.
 
@@ -39,12 +41,12 @@ class TensorBoard(CoordinatorCallback):
         >>> from orchestra.coordinator.protocol import Decision
         >>> board = TensorBoard(tempfile.mkdtemp())
         >>> board.on_epoch_end(EpochResult(1, {"loss": 0.5, "val_loss": 0.6}, 1.0, 10.0), Decision())
-        >>> board.on_job_end({})
+        >>> board.on_train_end({})
     """
 
     optional = True
 
-    def __init__(self, logdir: str | Path, update_freq: str = "epoch",
+    def __init__(self, logdir: str | Path, update_freq: str | int = "epoch",
                  hparams: dict[str, Any] | None = None, model_summary: str | None = None):
         self.logdir = Path(logdir)
         self.update_freq = update_freq
@@ -59,7 +61,7 @@ class TensorBoard(CoordinatorCallback):
             self._writers[run] = tensorflow().summary.create_file_writer(str(self.logdir / run))
         return self._writers[run]
 
-    def on_job_start(self, job_id: str) -> None:
+    def on_train_begin(self, job_id: str) -> None:
         from tensorboard.plugins.hparams import api as hp
 
         if any(self.logdir.glob("events.out.tfevents.*")):
@@ -75,23 +77,26 @@ class TensorBoard(CoordinatorCallback):
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
         tf = tensorflow()
         self.epoch, self.steps = result.epoch, result.steps or self.steps
-        train = {k: v for k, v in result.metrics.items() if not k.startswith("val_")}
+        logs = {**result.metrics, **result.scalars}
+        train = {k: v for k, v in logs.items() if not k.startswith("val_")}
         train["time_seconds"] = result.epoch_time
         train["samples_per_second"] = result.samples_per_second
-        validation = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}
+        validation = {k[4:]: v for k, v in logs.items() if k.startswith("val_")}
         for run, scalars in (("train", train), ("validation", validation)):
             if not scalars:
                 continue
             with self._writer(run).as_default():
                 for name, value in scalars.items():
                     tf.summary.scalar(f"epoch_{name}", value, step=result.epoch)
-                if run == "train" and self.update_freq == "batch":
+                if run == "train" and self.update_freq != "epoch":
+                    every = 1 if self.update_freq == "batch" else int(self.update_freq)
                     first = (result.epoch - 1) * result.steps
                     for i, loss in enumerate(result.batch_losses, start=1):
-                        tf.summary.scalar("batch_loss", loss, step=first + i)
+                        if (first + i) % every == 0:
+                            tf.summary.scalar("batch_loss", loss, step=first + i)
             self._writers[run].flush()
 
-    def on_job_end(self, final: dict[str, Any]) -> None:
+    def on_train_end(self, final: dict[str, Any]) -> None:
         rows = [("epochs completed", final.get("epochs_completed")),
                 ("stopped epoch", final.get("stopped_epoch")),
                 ("best epoch", final.get("best_epoch")),

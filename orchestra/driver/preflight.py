@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestra.build import data as data_lib
 from orchestra.build.images import ImageSplits, split_folders
+from orchestra.driver.plugins import plugin_problems
 from orchestra.driver.ray_runtime import check_embedded_auth, cluster_nodes
 from orchestra.driver.resources import fit_problems, footprint, this_machine
 from orchestra.driver.trial import Sample, trial_step
@@ -89,7 +90,7 @@ def preflight(
     """
     from orchestra.build.model import build_model, check_keras_names
 
-    problems: list[tuple[str, str]] = list(check_keras_names(spec))
+    problems: list[tuple[str, str]] = list(check_keras_names(spec)) + plugin_problems(spec)
 
     root = None
     try:
@@ -105,6 +106,7 @@ def preflight(
     try:
         if check_files:
             found = _inspect_data(spec, directory)
+            spec = data_lib.with_validation_resolved(spec)  # workers read the file the driver checked
             input_shape, to_build = tuple(spec.model.input_shape or found.shape), spec
         else:
             known_shape = spec.data.images.image_shape if spec.data.images else spec.model.input_shape
@@ -161,6 +163,11 @@ def _inspect_data(spec: JobSpec, directory: Path) -> DataFound:
     example, the bytes a worker holds, two examples for the trial step.
     Raises FieldError naming the field."""
     npz_path, images, nbytes = None, None, 0
+    if spec.data.shards is not None:  # from the manifest and a few examples, never the whole set
+        from orchestra.build.shards import inspect_shards
+
+        shards = inspect_shards(spec, directory)
+        return DataFound(None, None, shards.dropped, shards.shape, 0, Sample(shards.x, shards.y, shards.labels))
     if spec.data.images is not None:
         images = split_folders(spec.data)
         sizes = {"training": len(images.train.files),
@@ -171,7 +178,8 @@ def _inspect_data(spec: JobSpec, directory: Path) -> DataFound:
         arrays = data_lib.prepare(spec.data, npz_path, directory)
         sizes = {"training": len(arrays.x_train), "validation": _len(arrays.x_val), "test": _len(arrays.x_test)}
         data_shape = arrays.input_shape
-        nbytes = sum(a.nbytes for a in vars(arrays).values() if a is not None)
+        distinct = {id(a): a for a in vars(arrays).values() if a is not None}  # validation on 'test' shares x_test
+        nbytes = sum(a.nbytes for a in distinct.values())
     if sizes["training"] < spec.fit.batch_size:
         raise data_lib.FieldError(
             "fit.batch_size", f"{spec.fit.batch_size} is larger than the {sizes['training']} training examples")

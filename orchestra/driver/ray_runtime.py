@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from orchestra.driver.resources import Node
+from orchestra.driver.resources import Node, missing, this_machine
 from orchestra.errors import ClusterError
+from orchestra.spec import JobSpec
 
 
 def cluster_address() -> str | None:
@@ -57,15 +58,21 @@ def cluster_nodes(show_worker_output: bool = False) -> list[Node]:
     (connecting to it), or [] for an embedded Ray: this machine."""
     if cluster_address() is None:
         return []
+    ensure_ray(show_worker_output)
+    return live_nodes()
+
+
+def live_nodes() -> list[Node]:
+    """The live nodes of the Ray this process is connected to, with their
+    GPUs and custom resources."""
     import ray
 
-    ensure_ray(show_worker_output)
-    nodes = []
-    for node in ray.nodes():
-        if node.get("Alive"):
-            resources = node.get("Resources", {})
-            # Ray's `memory` is what it lets tasks have: the node's memory less its object store.
-            memory = resources.get("memory", 0) + resources.get("object_store_memory", 0)
-            nodes.append(Node(str(node.get("NodeManagerAddress", "?")), float(resources.get("CPU", 0)),
-                              int(memory), float(resources.get("GPU", 0))))
-    return nodes
+    return [Node.from_ray(str(node.get("NodeManagerAddress", "?")), node.get("Resources", {}))
+            for node in ray.nodes() if node.get("Alive")]
+
+
+def waits_for(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the job would wait PENDING for on the cluster this process
+    sees: the Ray cluster it is a job driver of, else this machine (what an
+    embedded Ray has: its GPUs, no custom resources). As (field, reason)."""
+    return missing(spec, cluster_nodes(show_worker_output=spec.fit.verbose > 0) or [this_machine()])

@@ -7,17 +7,20 @@ three million units is sized, not built. Weights, their gradients and the
 optimizer's slots (counted by building the optimizer on those shapes), the
 activations of a per-worker batch, the job's arrays (each worker holds them)
 and TensorFlow's own footprint. A job whose worker cannot fit the largest
-node, whose workers cannot all be placed (memory, a cap of workers per CPU),
-or that asks for GPUs the cluster does not have, is refused naming the field.
+node, or whose workers cannot all be placed (memory, a cap of workers per
+CPU), is refused naming the field. GPUs and custom resources the cluster
+does not have now are not refused: an autoscaler may add the nodes, so the
+job waits PENDING, its reason naming what it waits for (`missing`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from orchestra.build.accelerators import bytes_per_activation
 from orchestra.errors import FieldError
 from orchestra.spec import JobSpec
 
@@ -29,17 +32,36 @@ WORKER_PROCESS_BYTES = int(0.9 * GB)
 MAX_WORKERS_PER_CPU = 4
 # Activations are kept for the backward pass, which makes gradients of the same size.
 ACTIVATION_COPIES = 2
-BYTES_PER_VALUE = 4  # float32
+BYTES_PER_VALUE = 4  # float32 weights, their gradients and slots, also under a mixed policy
 
 
 @dataclass(frozen=True)
 class Node:
-    """One machine of the cluster, as Ray sees it (memory in bytes)."""
+    """One machine of the cluster, as Ray sees it (memory in bytes;
+    `resources`: its other Ray resources, custom ones and Ray's
+    `accelerator_type:<type>`)."""
 
     name: str
     cpus: float
     memory: int
     gpus: float
+    resources: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_ray(cls, name: str, totals: dict[str, float]) -> Node:
+        """A node from Ray's resource totals for it. Ray's `memory` is what
+        it lets tasks have: the node's memory less its object store."""
+        custom = {resource: float(amount) for resource, amount in totals.items()
+                  if resource not in _RAY_OWN and not resource.startswith("node:")}
+        memory = totals.get("memory", 0) + totals.get("object_store_memory", 0)
+        return cls(name, float(totals.get("CPU", 0)), int(memory), float(totals.get("GPU", 0)), custom)
+
+    def amount(self, resource: str) -> float:
+        return {"CPU": self.cpus, "GPU": self.gpus}.get(resource, self.resources.get(resource, 0.0))
+
+
+# Ray's own resources of a node, which are not custom ones.
+_RAY_OWN = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,8 @@ def _footprint(spec: JobSpec, input_shape: tuple[int, ...], data_bytes: int) -> 
     per_worker_batch = max(1, spec.fit.batch_size // spec.scaling.workers)
     return Footprint(
         weights=BYTES_PER_VALUE * (parameters + trainable + slots),
-        activations=BYTES_PER_VALUE * ACTIVATION_COPIES * per_worker_batch * (outputs + _size(input_shape)),
+        activations=(bytes_per_activation(spec) * ACTIVATION_COPIES * per_worker_batch
+                     * (outputs + _size(input_shape))),
         data=data_bytes,
         parameters=parameters,
         heaviest=heaviest,
@@ -155,11 +178,61 @@ def fit_problems(spec: JobSpec, need: Footprint, nodes: list[Node], fixed: bool)
                          f"{scaling.workers} workers x {scaling.cpus_per_worker:g} CPU need {needed:g} CPUs "
                          f"but the cluster has {cpus:g}: use at most {int(cpus // scaling.cpus_per_worker)} "
                          "workers or fewer scaling.cpus_per_worker"))
-    gpus = sum(node.gpus for node in nodes)
-    if scaling.use_gpu and gpus < scaling.workers:
-        problems.append(("scaling.use_gpu", f"{scaling.workers} workers need a GPU each but the cluster has "
-                                            f"{gpus:g} GPUs: set use_gpu to false, or add GPU nodes first"))
     return problems
+
+
+# Ray Train's own mark for a node's GPU model: a sliver of its accelerator_type resource.
+ACCELERATOR_SHARE = 0.001
+
+
+def scaling_arguments(spec: JobSpec) -> dict:
+    """Ray Train's `ScalingConfig` arguments for the spec's workers."""
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    return {"num_workers": scaling.workers, "use_gpu": scaling.gpus_per_worker > 0,
+            "resources_per_worker": resources, "accelerator_type": scaling.accelerator_type}
+
+
+def worker_resources(spec: JobSpec) -> dict[str, tuple[str, float]]:
+    """What Ray places each worker by: Ray resource → (the spec field that
+    asks for it, the amount a worker holds)."""
+    scaling = spec.scaling
+    wanted = {"CPU": ("scaling.cpus_per_worker", scaling.cpus_per_worker)}
+    if scaling.gpus_per_worker:
+        wanted["GPU"] = ("scaling.gpus_per_worker", scaling.gpus_per_worker)
+    for name, amount in scaling.resources_per_worker.items():
+        wanted[name] = (f"scaling.resources_per_worker.{name}", amount)
+    if scaling.accelerator_type:
+        wanted[f"accelerator_type:{scaling.accelerator_type}"] = ("scaling.accelerator_type", ACCELERATOR_SHARE)
+    return wanted
+
+
+def missing(spec: JobSpec, nodes: list[Node]) -> list[tuple[str, str]]:
+    """The GPUs, accelerator types and custom resources the job's workers ask
+    for that the cluster does not have now, as (field, what is lacking):
+    the job waits for them, PENDING. CPUs are left to `fit_problems` and to
+    the waiting reason."""
+    lacking = []
+    workers = spec.scaling.workers
+    for resource, (where, amount) in worker_resources(spec).items():
+        if resource == "CPU":
+            continue
+        label = "GPU" if resource == "GPU" else f"'{resource}'"
+        if resource.startswith("accelerator_type:"):
+            if not any(node.amount(resource) for node in nodes):
+                lacking.append((where, f"no node of the cluster has {spec.scaling.accelerator_type} GPUs"))
+            continue
+        most = max((node.amount(resource) for node in nodes), default=0.0)
+        total = sum(node.amount(resource) for node in nodes)
+        if total < workers * amount:
+            lacking.append((where, f"{workers} workers x {amount:g} {label} need {workers * amount:g}, but the "
+                                   f"cluster has {total:g}"))
+        elif most < amount:
+            lacking.append((where, f"a worker needs {amount:g} {label} on one node, but a node has at most "
+                                   f"{most:g}"))
+    return lacking
 
 
 def this_machine() -> Node:
@@ -173,7 +246,7 @@ def this_machine() -> Node:
     except (ValueError, OSError, AttributeError):
         memory = 2 ** 62  # unknown: no refusal on memory
     gpus = len(tensorflow().config.list_physical_devices("GPU"))
-    return Node("this machine", float(os.cpu_count() or 1), int(memory), float(gpus))
+    return Node("this machine", float(os.cpu_count() or 1), int(memory), float(gpus))  # no custom resources
 
 
 def _heaviest(spec: JobSpec, model) -> str:

@@ -8,6 +8,14 @@ checkpoint's best and retention list, TensorBoard's step) come back from the
 state saved beside it, the history is cut back to it and TensorBoard events
 written after it are dropped, so no step is duplicated or missing. A job
 without any checkpoint starts again from its first epoch.
+
+A resume may change the worker count (`--workers`): `fit.batch_size` is
+the global batch, and an epoch's order is one seeded permutation cut into
+global batches, each split among the workers, so the batches, the
+gradients (averaged over the global batch) and the optimizer's steps are
+those of the job's own count, and so are the numbers, within float noise.
+Each resume is a new attempt in the record (`attempts`: its workers, the
+epoch it continued from, on a cluster the Ray job it ran as).
 """
 
 from __future__ import annotations
@@ -95,11 +103,14 @@ def check_same_classes(record: JobRecord, class_names: list[str] | None) -> None
                           f"now has {class_names}: restore the folder, or submit a new job")
 
 
-def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, CheckpointRef | None]:
+def reopen(storage: Storage, job_id: str, spec: JobSpec | None = None,
+           ray_job: str | None = None) -> tuple[JobRecord, CheckpointRef | None]:
     """Take the job's lease without waiting (LeaseHeld if a live driver
     holds it) and, under it, turn a STOPPED or FAILED job (or one whose
     driver is gone) back to PENDING, owned by this process with the next
-    generation; return its record and the checkpoint it resumes from."""
+    generation, as a new attempt (on a cluster, the Ray job `ray_job`);
+    return its record and the checkpoint it resumes from. `spec`: the job's
+    spec on another worker count, which the record takes from here on."""
     last = storage.read_record(job_id)  # no such job: nothing is written into a folder
     owned = Lease.acquire(storage.job_dir(job_id), job_id, last.generation)
     try:
@@ -108,6 +119,9 @@ def reopen(storage: Storage, job_id: str) -> tuple[JobRecord, CheckpointRef | No
         storage.sweep_staging(job_id)  # what crashed writers left; a checkpoint set aside mid-publish comes back
         checkpoint = latest_checkpoint(storage, job_id)
         record.reopen(checkpoint.epoch if checkpoint else 0)
+        if spec is not None:
+            record.spec, record.workers = spec.model_dump(mode="json"), spec.scaling.workers
+        record.begin_attempt(checkpoint.epoch if checkpoint else 0, ray_job)
         record.startup = {"process": process_started_at(), "checked": time.time()}
         heartbeat.claim(record)
         own(storage, record, owned)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import threading
@@ -21,12 +22,14 @@ from orchestra.coordinator import Checkpoint, Coordinator, EpochResult
 from orchestra.coordinator.protocol import CheckpointRef, EpochReports, WorkerConfig
 from orchestra.driver.callbacks import make_callbacks
 from orchestra.driver.preflight import Prepared
-from orchestra.driver.ray_runtime import ensure_ray, total_cpus
+from orchestra.driver.ray_runtime import ensure_ray, live_nodes, total_cpus
+from orchestra.driver.resources import missing, scaling_arguments
 from orchestra.driver.signals import stop_main_thread, stop_on_signals
 from orchestra.errors import OrchestraError, StorageWriteError
 from orchestra.keras_compat import TENSORFLOW_ENV
 from orchestra.spec import JobSpec
 from orchestra.storage import heartbeat
+from orchestra.storage.bucket import ray_storage
 from orchestra.storage.folders import Storage
 from orchestra.storage.lease import Lease, LeaseLost, held, start_ticks
 from orchestra.storage.record import JobProgress, JobRecord
@@ -37,10 +40,12 @@ Progress = Callable[[EpochResult], None]
 OnStep = Callable[[JobProgress], None]
 
 
-def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None) -> JobRecord:
+def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None = None,
+               ray_job: str | None = None) -> JobRecord:
     """The job's folder, its lease (this process owns the job from here on)
     and PENDING record: the first things written. A job submitted through a
-    client comes with the id the client returned."""
+    client comes with the id the client returned (and on a cluster, the Ray
+    job that runs this driver: `ray_job`)."""
     spec = prepared.spec
     job_id = job_id or prepared.storage.new_job_id(spec.name)
     job_dir = prepared.storage.create_job_dir(job_id)
@@ -58,6 +63,7 @@ def create_job(prepared: Prepared, in_process: bool = False, job_id: str | None 
         examples_dropped_per_epoch=prepared.examples_dropped_per_epoch,
         input_shape=list(prepared.input_shape),
     )
+    record.begin_attempt(ray_job=ray_job)
     heartbeat.claim(record)
     own(prepared.storage, record, owned)
     record.startup = {"process": process_started_at(), "checked": time.time()}
@@ -231,14 +237,10 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress, on_st
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"worker": _worker_config(prepared, record, beat, channel)},
-        scaling_config=ScalingConfig(
-            num_workers=spec.scaling.workers,
-            use_gpu=spec.scaling.use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
-        ),
+        scaling_config=ScalingConfig(**scaling_arguments(spec)),
         run_config=RunConfig(
             name=record.job_id,
-            storage_path=str(storage.job_dir(record.job_id) / "ray"),
+            **ray_storage(storage.job_dir(record.job_id)),  # in the bucket for a job on one
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
             worker_runtime_env={"env_vars": dict(TENSORFLOW_ENV)},
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -262,14 +264,17 @@ def _run_on_ray(prepared: Prepared, record: JobRecord, progress: Progress, on_st
     finally:
         ray.kill(channel)  # releases any worker still waiting for a decision
     if failure:
-        _end(storage, record, record.fail, _error_text(failure[0]))
+        _end(storage, record, record.fail, _error_text(failure[0], record.worker_pids))
     else:
         _end(storage, record, record.finish)
 
 
 def _waiting_reason(spec: JobSpec) -> str:
+    """What the job waits for until Ray has placed its workers: the CPUs,
+    and any GPU, accelerator type or custom resource the cluster lacks now."""
+    lacking = "".join(f"; {field}: {text}" for field, text in missing(spec, live_nodes()))
     return (f"waiting for resources: {spec.scaling.workers} workers x {spec.scaling.cpus_per_worker:g} CPU "
-            f"(the cluster has {total_cpus():g} CPU in all)")
+            f"(the cluster has {total_cpus():g} CPU in all){lacking}")
 
 
 def _drive(channel, coordinator: Coordinator, thread: threading.Thread, beat: heartbeat.Heartbeat) -> None:
@@ -297,16 +302,21 @@ _COLLATERAL = ("Collective ops is aborted", "UnavailableError", "Connection rese
                "Socket closed", "failed to connect")
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, pids: dict[str, int] | None = None) -> str:
     """The root cause a user can act on, not Ray's wrapping of it: of the
     workers that failed, the one that died (Ray's health check, an actor
     death) over peers whose collectives it cut, whichever Ray heard of first;
-    the others follow in brackets."""
+    the others follow in brackets. A worker that died raised nothing: Ray
+    only lost it, so the text says what kills a process without a word
+    (`pids`: rank → the workers' process ids, from the record)."""
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
     if failures:
         ranked = sorted(failures.items(), key=lambda item: (_blame(item[1]), item[0]))
         (rank, error), others = ranked[0], ranked[1:]
         text = f"worker {rank}: {_summary(error)}"
+        if _blame(error) == 0:
+            pid = (pids or {}).get(str(rank))
+            text = f"worker {rank}{f' (pid {pid})' if pid else ''} {_death(error)}; Ray saw {_summary(error)}"
         if others:
             text += " [then " + "; ".join(f"worker {r}: {_summary(e)[:200]}" for r, e in others) + "]"
         return text[:2000]
@@ -316,6 +326,18 @@ def _error_text(exc: BaseException) -> str:
         if line and ("Error" in line or "Exception" in line) and not line.startswith("File "):
             return line[:2000]
     return (text or type(exc).__name__)[:2000]
+
+
+def _death(error: BaseException) -> str:
+    """What happened to a worker that died, as far as Ray's words tell."""
+    text = str(error)
+    if "OutOfMemory" in type(error).__name__ or "OUT_OF_MEMORY" in text or "out of memory" in text.lower():
+        return "was killed for lack of memory (Ray's memory monitor or the kernel's out-of-memory killer)"
+    code = re.search(r"exit(?:ed)? (?:with )?code:? (-?\d+)", text)
+    if code and code.group(1) not in ("0", "1", "2"):  # Ray's own codes for a lost connection
+        return f"exited with code {code.group(1)}"
+    return ("died without reporting an error: killed by a signal (kill -9, the kernel's out-of-memory killer) "
+            "or crashed")
 
 
 def _blame(error: BaseException) -> int:

@@ -68,7 +68,9 @@ class Sample:
         try:
             x, y = examples.load_batch(np.arange(min(TRIAL_EXAMPLES, len(examples))), np.int64(-1))
         finally:
-            examples.pool.shutdown()
+            threads = getattr(examples, "threads", None)  # its decoding threads (none with loader processes)
+            if threads is not None:
+                threads.shutdown()
         return cls(x, y, examples.labels)
 
     @classmethod
@@ -113,12 +115,54 @@ def trial_step(spec: JobSpec, model, sample: Sample, seconds: float = TRIAL_SECO
         raise FieldError("model", f"one training step on {TRIAL_EXAMPLES} examples took more than {seconds:g} s "
                                   "in the pre-flight check: the model is too large for this machine")
     if "error" in outcome:
-        raise fields.error(outcome["error"])
+        raise failing_metric(spec, model, sample) or fields.error(outcome["error"])
+    check_scalar_metrics(spec, outcome["train"])
     for phase, what in (("train", "the training step"), ("test", "the evaluation step after it")):
         loss = outcome[phase].get("loss")
         if loss is not None and not np.isfinite(loss):
             raise _non_finite(spec, sample, what, loss)
     return outcome["test"]
+
+
+def failing_metric(spec: JobSpec, model, sample: Sample) -> FieldError | None:
+    """When the loss takes the labels and the model's outputs but a metric
+    does not (MeanIoU reading one-hot labels as class indices), the metric's
+    field; else None."""
+    from orchestra.build.model import make_object
+    from orchestra.keras_compat import keras
+
+    k = keras()
+    try:
+        y_pred = model(sample.x, training=False)
+        loss = spec.compile.loss
+        (make_object(loss, "loss") if not isinstance(loss, str) else k.losses.get(loss))(sample.y, y_pred)
+    except Exception:  # noqa: BLE001 - the loss or the model fails: the caller's mapping names it
+        return None
+    for i, metric in enumerate(spec.compile.metrics):
+        if isinstance(metric, str) and metric in ("accuracy", "acc", "crossentropy", "ce"):
+            continue  # compile picks their kind from the labels' shape
+        try:
+            built = make_object(metric, "metric") if not isinstance(metric, str) else k.metrics.get(metric)
+            if isinstance(built, k.metrics.Metric):
+                built.update_state(sample.y, y_pred)
+            else:
+                built(sample.y, y_pred)
+        except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds
+            return FieldError(f"compile.metrics.{i}", f"fails on {TRIAL_EXAMPLES} examples of the data's labels "
+                                                      f"and the model's outputs: {error_line(exc)}")
+    return None
+
+
+def check_scalar_metrics(spec: JobSpec, logs: dict[str, Any]) -> None:
+    """Every metric's result is one number: the driver averages, monitors
+    and charts one number a metric (pre-flight's shape check refuses the
+    known kinds; this catches a metric whose shape depends on the data)."""
+    from orchestra.build.model import vector_metric_message
+
+    for i, (name, kind) in enumerate(zip(spec.compile.metric_names, spec.compile.metric_kinds)):
+        shape = np.shape(logs.get(name, 0.0))
+        if shape and int(np.prod(shape)) != 1:
+            raise FieldError(f"compile.metrics.{i}", vector_metric_message(kind, shape))
 
 
 class SpecFields:
@@ -186,7 +230,7 @@ def check_inputs(spec: JobSpec, model, sample: Sample, fields: SpecFields) -> No
 def check_outputs(spec: JobSpec, model, sample: Sample, fields: SpecFields) -> None:
     """The last layer's width against the labels, as the loss reads them;
     labels a binary loss cannot take."""
-    width, loss, labels = model.output_shape[-1], spec.compile.loss, sample.labels
+    width, loss, labels = model.output_shape[-1], spec.compile.loss_name, sample.labels
     if labels is None or width is None or labels.size == 0:
         return
     kind = spec.data.label_kind

@@ -17,7 +17,7 @@ Example:
     ...     "compile": {"optimizer": "sgd", "loss": "categorical_crossentropy",
     ...                 "metrics": ["accuracy"]},
     ...     "fit": {"epochs": 3000, "batch_size": 10},
-    ...     "callbacks": {"early_stopping": {"patience": 30}},
+    ...     "callbacks": [{"class_name": "EarlyStopping", "config": {"patience": 30}}],
     ... })
     >>> spec.scaling.workers
     2
@@ -25,10 +25,16 @@ Example:
 
 from orchestra.spec._base import Mode, StrictModel
 from orchestra.spec.callbacks import (
-    CallbacksSpec,
-    CheckpointSpec,
+    BackupAndRestoreSpec,
+    CallbackSpec,
+    CSVLoggerSpec,
     EarlyStoppingSpec,
+    LearningRateSchedulerSpec,
+    ModelCheckpointSpec,
+    ReduceLROnPlateauSpec,
     TensorBoardSpec,
+    TerminateOnNaNSpec,
+    config_of,
 )
 from orchestra.spec.data import (
     MAX_CLASSES,
@@ -38,6 +44,7 @@ from orchestra.spec.data import (
     ImageFolderSpec,
 )
 from orchestra.spec.job import JobSpec
+from orchestra.spec.keras_objects import SCHEDULES, KerasObjectSpec
 from orchestra.spec.model import (
     MAX_LAYERS,
     MAX_UNITS,
@@ -73,8 +80,9 @@ from orchestra.spec.training import (
 __all__ = [
     "BINARY_LOSSES", "MAX_CLASSES", "MAX_LAYERS", "MAX_SPEC_BYTES", "MAX_UNITS", "MAX_WORKERS",
     "MIN_CPUS_PER_WORKER", "ONE_HOT_LOSSES", "ONE_HOT_METRICS", "SPARSE_LOSSES", "SPARSE_METRICS",
-    "AugmentationSpec", "BackboneSpec", "CallbacksSpec", "CheckpointSpec", "CompileSpec", "DataLoaderSpec",
-    "DataSpec", "EarlyStoppingSpec", "FitSpec", "ImageFolderSpec", "JobSpec", "LayerSpec", "Mode", "ModelSpec",
+    "SCHEDULES", "AugmentationSpec", "BackboneSpec", "BackupAndRestoreSpec", "CallbackSpec", "CSVLoggerSpec", "LearningRateSchedulerSpec",
+    "ModelCheckpointSpec", "ReduceLROnPlateauSpec", "TerminateOnNaNSpec", "config_of", "CompileSpec", "DataLoaderSpec",
+    "DataSpec", "EarlyStoppingSpec", "FitSpec", "ImageFolderSpec", "JobSpec", "KerasObjectSpec", "LayerSpec", "Mode", "ModelSpec",
     "OptimizerSpec", "PerformanceSpec", "ScalingSpec", "StrictModel", "TensorBoardSpec",
     "json_schema", "load_spec", "parse_spec", "problems_of", "read_spec_text",
 ]

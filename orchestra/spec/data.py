@@ -3,16 +3,31 @@ are prepared, and how they are fed to each worker."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from orchestra.spec._base import PATH_MAX, StrictModel, _parse_fraction, _usable_path
+from orchestra.spec._base import (
+    _PATH_END,
+    PATH_MAX,
+    StrictModel,
+    _parse_fraction,
+    _usable_path,
+)
+from orchestra.spec.shards import ShardsSpec
 
 # One-hot labels hold num_classes floats per example in memory (and `validate` makes them):
 # 30,000 classes took 6.6 GB. Past this, a model wants sparse labels anyway.
 MAX_CLASSES = 1000
+
+VALIDATION_CHOICES = ("split", "test")
+
+
+def _at(field: str) -> str:
+    """Marks the data field a cross-field error is about (see _base._PATH_END)."""
+    return f"{field}{_PATH_END}"
 
 
 class ImageFolderSpec(StrictModel):
@@ -90,7 +105,15 @@ class DataSpec(StrictModel):
     )
     validation_split: float | None = Field(
         default=None, gt=0, lt=1,
-        description="Hold out this fraction of the training arrays for validation.",
+        description="Hold out this fraction of the training arrays for validation, as scikit-learn's "
+                    "train_test_split(test_size=..., random_state=seed) does.",
+    )
+    validation: str | None = Field(
+        default=None, min_length=1, max_length=PATH_MAX,
+        description="The validation set: 'split' (of the training arrays, by validation_split or "
+                    "validation_size; the default), 'test' (the source's test arrays, as "
+                    "validation_data=(x_test, y_test)), or the path of an .npz holding x_val, y_val "
+                    "(else x_test, y_test, else x, y).",
     )
     test: bool = Field(
         default=True, description="Evaluate the final model on the dataset's test arrays."
@@ -102,12 +125,15 @@ class DataSpec(StrictModel):
     images: ImageFolderSpec | None = Field(
         default=None, description="Read a class-per-subfolder tree of image files instead of arrays."
     )
+    shards: ShardsSpec | None = Field(
+        default=None, description="Read shard files (orchestra data convert) on the fly instead of arrays in memory."
+    )
     augmentation: AugmentationSpec | None = Field(
         default=None, description="Random transforms of training images (image folders only); never of validation."
     )
 
     _parse_rescale = field_validator("rescale", mode="before")(_parse_fraction)
-    _paths = field_validator("source")(_usable_path)
+    _paths = field_validator("source", "validation")(_usable_path)
 
     @field_validator("rescale")
     @classmethod
@@ -116,10 +142,21 @@ class DataSpec(StrictModel):
             raise ValueError("must be a positive finite number, e.g. '1/255'")
         return value
 
+    @field_validator("validation")
+    @classmethod
+    def _validation_kind(cls, value: str | None) -> str | None:
+        if value is None or value in VALIDATION_CHOICES or value.endswith(".npz"):
+            return value
+        close = difflib.get_close_matches(value, VALIDATION_CHOICES, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"'{value}' is not 'split', 'test' or the path of an .npz file{hint}")
+
     @model_validator(mode="after")
     def _one_way_to_validate(self) -> DataSpec:
-        if (self.source is None) == (self.images is None):
-            raise ValueError("give either source (arrays) or images (an image folder), exactly one")
+        if [self.source, self.images, self.shards].count(None) != 2:
+            raise ValueError("give exactly one of source (arrays), images (an image folder) or shards (shard files)")
+        if self.shards is not None and self.shards.problems_with(self):
+            raise ValueError(self.shards.problems_with(self))
         if self.augmentation is not None and self.images is None:
             raise ValueError("augmentation applies to image folders: give data.images")
         if self.images is not None and self.validation_size is not None:
@@ -131,12 +168,32 @@ class DataSpec(StrictModel):
             )
         if self.flatten and self.reshape is not None:
             raise ValueError("give either flatten or reshape, not both")
+        if self.validation == "split" and self.validation_split is None and self.validation_size is None:
+            raise ValueError(f"{_at('validation')}'split' needs validation_split (a fraction) or "
+                             "validation_size (a number of examples)")
+        if self.validation not in (None, "split"):
+            if self.images is not None:
+                raise ValueError(f"{_at('validation')}an image folder validates on a split or on "
+                                 "images.validation_dir, not on 'test' or an .npz")
+            if self.source is None:
+                raise ValueError(f"{_at('validation')}'test' and an .npz go with data.source (arrays)")
+            if self.validation_split is not None or self.validation_size is not None:
+                field = "validation_split" if self.validation_split is not None else "validation_size"
+                raise ValueError(f"{_at(field)}splits the training arrays, but validation is "
+                                 f"'{self.validation}': give one of them, or validation 'split'")
         return self
+
+    @property
+    def validation_arrays(self) -> str | None:
+        """Where validation examples come from besides a split: 'test', an
+        .npz path, or None."""
+        return None if self.validation in (None, "split") else self.validation
 
     @property
     def has_validation(self) -> bool:
         folder = self.images is not None and self.images.validation_dir is not None
-        return folder or self.validation_split is not None or self.validation_size is not None
+        return (folder or self.validation_arrays is not None or self.validation_split is not None
+                or self.validation_size is not None)
 
     @property
     def label_kind(self) -> str:

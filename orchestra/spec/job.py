@@ -14,7 +14,13 @@ from orchestra.spec._base import (
     _text_problems,
     _usable_path,
 )
-from orchestra.spec.callbacks import CallbacksSpec
+from orchestra.spec.callbacks import (
+    Callbacks,
+    TensorBoardSpec,
+    callback_problems,
+    config_of,
+    default_callbacks,
+)
 from orchestra.spec.data import DataLoaderSpec, DataSpec
 from orchestra.spec.model import ModelSpec
 from orchestra.spec.problems import problems_of
@@ -43,13 +49,18 @@ class JobSpec(StrictModel):
     model: ModelSpec
     compile: CompileSpec
     fit: FitSpec = Field(default_factory=FitSpec)
-    callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
+    callbacks: Callbacks = Field(
+        default_factory=default_callbacks,
+        description="Keras's callbacks, in the order they run: a list of {\"class_name\": ..., \"config\": {...}}; "
+        "default: TensorBoard alone. A list given is exactly what runs.",
+    )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     data_loader: DataLoaderSpec = Field(default_factory=DataLoaderSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     storage: str | None = Field(
         default=None, max_length=PATH_MAX,
-        description="Root of the shared storage (an absolute path, or ~/...); --storage and ORCHESTRA_STORAGE "
+        description="Root of the shared storage (an absolute path, ~/..., or an S3 bucket: s3://<bucket>/<prefix>); "
+        "--storage and ORCHESTRA_STORAGE "
         "override it; default ~/orchestra_storage.",
     )
 
@@ -76,7 +87,7 @@ class JobSpec(StrictModel):
         """Rules that span sections; every broken one is reported, each under
         the path of the field to change."""
         problems = list(_text_problems(self.model_dump(), ()))
-        loss = self.compile.loss
+        loss = self.compile.loss_name
         kind, field = self.data.label_kind, self.data.label_field
         wanted = {"one_hot": "'one_hot'", "sparse": "'sparse'"}
         if field == "data.images.label_mode":
@@ -110,21 +121,14 @@ class JobSpec(StrictModel):
             ))
         problems += self._metric_problems()
         problems += self.output_problems(self.data.num_classes if kind == "one_hot" else None)
-        allowed = self.logged_metrics
-        for name, section in (
-            ("early_stopping", self.callbacks.early_stopping),
-            ("checkpoint", self.callbacks.checkpoint),
-        ):
-            if section is not None and section.monitor not in allowed:
-                problems.append((
-                    f"callbacks.{name}.monitor",
-                    f"'{section.monitor}' is not a metric this job logs; allowed: {', '.join(allowed)}",
-                ))
-        board, steps = self.callbacks.tensorboard, self.performance.steps_per_execution
-        if board is not None and board.update_freq == "batch" and steps not in ("auto", 1):
+        scheduled = isinstance(self.compile.optimizer_object.config.get("learning_rate"), dict)
+        problems += callback_problems(self.callbacks, self.logged_metrics, scheduled)
+        board, steps = config_of(self.callbacks, TensorBoardSpec), self.performance.steps_per_execution
+        if board is not None and board.batch_every is not None and steps not in ("auto", 1):
             problems.append((
                 "performance.steps_per_execution",
-                f"{steps} hides all but every {steps}th batch from update_freq 'batch'; use 'auto' or 1",
+                f"{steps} hides all but every {steps}th batch from TensorBoard's update_freq "
+                f"{board.update_freq!r}; use 'auto' or 1",
             ))
         if problems:
             raise ValueError("\n".join(f"{path}{_PATH_END}{message}" for path, message in problems))
@@ -133,7 +137,7 @@ class JobSpec(StrictModel):
     def _metric_problems(self) -> list[tuple[str, str]]:
         problems, seen = [], {}
         kind, field = self.data.label_kind, self.data.label_field
-        for i, (metric, logged) in enumerate(zip(self.compile.metrics, self.compile.metric_names)):
+        for i, (metric, logged) in enumerate(zip(self.compile.metric_kinds, self.compile.metric_names)):
             if logged in seen:
                 problems.append((f"compile.metrics.{i}", f"'{metric}' is logged as '{logged}', as is "
                                                          f"compile.metrics.{seen[logged]}: list each metric once"))
@@ -169,7 +173,7 @@ class JobSpec(StrictModel):
             [('model.layers.0.units', '5 outputs, but the labels have up to 10 classes: set units to 10')]
         """
         found = self.output_width
-        loss, kind = self.compile.loss, self.data.label_kind
+        loss, kind = self.compile.loss_name, self.data.label_kind
         problems = []
         if loss in BINARY_LOSSES and kind != "one_hot" and num_classes is not None and num_classes > 2:
             problems.append(("compile.loss", f"'{loss}' takes labels 0 and 1, but the labels have {num_classes} "

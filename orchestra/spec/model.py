@@ -4,13 +4,19 @@ values of sane sizes."""
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestra.spec._base import _PATH_END, PATH_MAX, StrictModel, _usable_path
+from orchestra.spec.keras_objects import (
+    ARGUMENT_DEPTH,
+    ARGUMENT_LENGTH,
+    MAX_INT,  # noqa: F401  (re-exported: the spec reference quotes it)
+    nested_problems,
+    plain_value_problem,
+)
 
 
 class LayerSpec(BaseModel):
@@ -18,7 +24,9 @@ class LayerSpec(BaseModel):
     is passed to its constructor, e.g. `{"type": "Dense", "units": 10}`.
     Arguments are plain values (numbers, strings, booleans, null, lists of
     them): an object would reach Keras's deserializer, which can name
-    modules and custom classes."""
+    modules and custom classes. Only an initializer, regularizer or
+    constraint may be an object, in Keras's config form with plain values,
+    e.g. `"kernel_regularizer": {"class_name": "L2", "config": {"l2": 1e-4}}`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -32,6 +40,11 @@ class LayerSpec(BaseModel):
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", key):
                 problems.append(f"{key[:64]!r}{_PATH_END}is not a Keras argument name (lower-case letters, digits, '_')")
                 continue
+            slot = next((slot for slot in OBJECT_ARGUMENTS if key.endswith("_" + slot)), None)
+            if slot is not None and isinstance(value, dict):
+                problems += [f"{'.'.join(filter(None, (key, path)))}{_PATH_END}{message}"
+                             for path, message in nested_problems(value, slot)]
+                continue
             problem = _layer_argument_problem(value) or _layer_rule_problem(key, value)
             if problem:
                 problems.append(f"{key}{_PATH_END}{problem}")
@@ -44,9 +57,10 @@ class LayerSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-LAYER_ARGUMENT_DEPTH = 3
-LAYER_ARGUMENT_LENGTH = 64
-MAX_INT = 2**31 - 1
+LAYER_ARGUMENT_DEPTH = ARGUMENT_DEPTH
+LAYER_ARGUMENT_LENGTH = ARGUMENT_LENGTH
+# Layer arguments (by their name's ending) that may be a Keras object, and its slot.
+OBJECT_ARGUMENTS = ("initializer", "regularizer", "constraint")
 MAX_LAYERS = 500  # tf-keras builds a Sequential model recursively: 2,000 layers exceed Python's stack
 MAX_UNITS = 65_536  # a size argument above it asks for gigabytes in one layer (Dense of 3,000,000: 9.4 GB)
 # Arguments that size a layer: whole numbers from 1 to MAX_UNITS (0 aborts the process inside oneDNN).
@@ -78,23 +92,14 @@ def _layer_rule_problem(key: str, value: Any) -> str | None:
     return None
 
 
-def _layer_argument_problem(value: Any, depth: int = 0) -> str | None:
-    """What is wrong with one layer argument, or None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return None if abs(value) <= MAX_INT else f"{value:.3g} is out of range (at most {MAX_INT} in magnitude)"
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value} is not a finite number"
-    if isinstance(value, str):
-        return None if len(value) <= 256 else "strings are at most 256 characters"
-    if isinstance(value, list):
-        if depth >= LAYER_ARGUMENT_DEPTH or len(value) > LAYER_ARGUMENT_LENGTH:
-            return (f"lists are at most {LAYER_ARGUMENT_LENGTH} long and nested "
-                    f"{LAYER_ARGUMENT_DEPTH} deep")
-        return next(filter(None, (_layer_argument_problem(item, depth + 1) for item in value)), None)
-    return ("objects are not layer arguments (Keras would deserialize them, with module and class names): "
-            "use numbers, strings, booleans, null or lists of them")
+def _layer_argument_problem(value: Any) -> str | None:
+    """What is wrong with one layer argument that is not a Keras object, or None."""
+    problem = plain_value_problem(value)
+    if problem and isinstance(value, dict):
+        return ("objects are not layer arguments (Keras would deserialize them, with module and class names): "
+                "use numbers, strings, booleans, null or lists of them; only *_initializer, *_regularizer and "
+                '*_constraint take an object, as {"class_name": ..., "config": {...}}')
+    return problem
 
 
 class BackboneSpec(StrictModel):

@@ -36,7 +36,8 @@ def problems_of(error: ValidationError, root: type[BaseModel]) -> list[tuple[str
             problems[path][-1] += f" (got {value!r})"
     # A union member that got further (`compile.optimizer.learning_rate`) says
     # more than the members that did not (`compile.optimizer`: not a string).
-    deeper = [path for path in problems if any(other.startswith(path + ".") for other in problems)]
+    parents = {other.rsplit(".", n)[0] for other in problems for n in range(1, other.count(".") + 1)}
+    deeper = [path for path in problems if path in parents]  # a set: 100,000 unknown keys stay fast
     for path in deeper:
         del problems[path]
     # One line a field: a value that fits none of a union's members gets each member's rule.

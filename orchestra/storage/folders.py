@@ -9,6 +9,10 @@
         best_weights.npz                       restore_best_weights' snapshot, if any
     <root>/<job_id>/model/                    the model training ended with
     <root>/<job_id>/tensorboard/{train,validation}/
+
+On an S3 bucket (`s3://bucket/prefix`) the root is this process's mirror of
+the bucket (storage.bucket): every write here is published there too, and
+every read first fetches what the bucket holds.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Callable
 from pydantic import TypeAdapter
 
 from orchestra.errors import StorageError, StorageWriteError
+from orchestra.storage import bucket
 from orchestra.storage.paths import read_stored_text
 from orchestra.storage.record import JobRecord
 
@@ -49,13 +54,16 @@ STATE_LIMIT = 16 << 20
 HISTORY_LIMIT = 256 << 20
 _HISTORY_ENTRY = TypeAdapter(dict[str, int | float])
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CHECKPOINT_NAME = re.compile(r"^epoch-\d{4,}$")
 
 
 def storage_root(override: str | None = None, spec_storage: str | None = None) -> Path:
     """--storage, else ORCHESTRA_STORAGE, else the spec's storage, else the default."""
     raw = override or os.environ.get(STORAGE_ENV) or spec_storage or DEFAULT_STORAGE
+    if bucket.is_uri(raw):
+        return bucket.mirror_path(bucket.parse_uri(raw))
     if "://" in raw and not raw.startswith("file://"):
-        raise StorageError(f"storage '{raw}': only local or mounted shared paths are supported (file:// or a path)")
+        raise StorageError(f"storage '{raw}': a path (or file://), or an S3 bucket (s3://<bucket>/<prefix>)")
     if "\x00" in raw:
         raise StorageError(f"storage {raw!r}: a path cannot hold a NUL character")
     try:
@@ -81,7 +89,7 @@ def new_job_id(name: str) -> str:
 def model_file(directory: str | Path) -> Path:
     """The model file of a checkpoint or model folder: the whole model if
     it was saved, else its weights."""
-    directory = Path(directory)
+    directory = bucket.pull_folder(directory)
     full = directory / MODEL_FILE
     return full if full.is_file() else directory / WEIGHTS_FILE
 
@@ -100,6 +108,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
+        bucket.push_file(path)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -128,7 +137,18 @@ def publish_directory(staging: Path, final: Path) -> None:
     If `final` exists (an epoch saved again, the model of a resumed job) the
     two are switched, so a complete folder is there at every moment, and
     the old one is removed after. On failure the staging folder is removed
-    (a full disk gets its space back) and StorageWriteError names `final`."""
+    (a full disk gets its space back) and StorageWriteError names `final`.
+    A folder in a bucket's mirror is uploaded first (storage.bucket: its
+    files, then the manifest that makes it visible), then kept in this
+    process's mirror."""
+    if bucket.locate(final) is not None:
+        try:
+            bucket.publish_folder(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        final = bucket.own(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
     try:
         for file in staging.rglob("*"):
             if file.is_file():
@@ -201,6 +221,12 @@ def sweep_folder(folder: Path) -> list[str]:
     return swept
 
 
+def remove_published(folder: str | Path) -> None:
+    """Delete a published checkpoint folder (retention), in the bucket too."""
+    bucket.remove_folder(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _history_entry(line: str) -> dict[str, int | float]:
     """One line of history.jsonl: numbers by name, with the epoch; ValueError if not."""
     entry = _HISTORY_ENTRY.validate_json(line)
@@ -217,7 +243,7 @@ class Storage:
     """Job folders under one root."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root = bucket.own(root)  # a mirror of a bucket named by another process: this process's own
         # Called with every record written (a Ray job's driver prints it for the client).
         self.on_write: Callable[[JobRecord], None] | None = None
         # Writes from more than one thread (a driver's callbacks and its signal handling) land in order.
@@ -225,7 +251,22 @@ class Storage:
         # Per job, checked before each record or history write: its driver's lease (storage.lease.Fence.check).
         self.fences: dict[str, Callable[[], None]] = {}
 
+    @property
+    def where(self) -> str:
+        """The storage as people name it: its path, or its bucket's `s3://` place."""
+        place = bucket.locate(self.root)
+        return place.uri if place else str(self.root)
+
     def check_writable(self) -> None:
+        place = bucket.locate(self.root)
+        if place is not None:
+            probe = place.child(f".probe-{secrets.token_hex(4)}")
+            try:
+                bucket.bucket().put(probe, b"")
+                bucket.bucket().delete(probe)
+            except (OSError, StorageError) as exc:
+                raise StorageError(f"storage {place.uri} is not writable: {exc}") from None
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
@@ -241,6 +282,9 @@ class Storage:
 
     def create_job_dir(self, job_id: str) -> Path:
         path = self.job_dir(job_id)
+        place = bucket.locate(path)
+        if place is not None and bucket.bucket().listing(place):
+            raise StorageError(f"job '{job_id}' already exists in {place.uri}")
         try:
             path.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
@@ -267,7 +311,8 @@ class Storage:
         if job_dir.is_symlink():
             raise StorageError(f"the folder of job '{job_id}' ({job_dir}) is a symlink: refused")
         try:
-            return sweep_folder(job_dir) + sweep_folder(job_dir / "checkpoints")
+            return (sweep_folder(job_dir) + sweep_folder(job_dir / "checkpoints")
+                    + bucket.sweep_folders(job_dir) + bucket.sweep_folders(job_dir / "checkpoints"))
         except OSError as exc:
             raise StorageWriteError.of(job_dir, exc) from exc
 
@@ -278,6 +323,7 @@ class Storage:
             self.fences.get(record.job_id, _unfenced)()
             job_dir = self.job_dir(record.job_id)
             atomic_write_text(job_dir / RECORD_FILE, record.stored(job_dir))
+            bucket.push_tree(self.tensorboard_dir(record.job_id))  # event files, at each record write
         if self.on_write is not None:
             self.on_write(record)
 
@@ -287,10 +333,11 @@ class Storage:
         for a record that is missing, unreadable, or names a path outside
         its job folder."""
         path = self.job_dir(job_id) / RECORD_FILE
+        self.pull_job(job_id)
         try:
             record = JobRecord.from_stored(read_stored_text(path, RECORD_LIMIT, f"the record of job '{job_id}'"), path)
         except FileNotFoundError:
-            raise StorageError(f"no job '{job_id}' in {self.root}") from None
+            raise StorageError(f"no job '{job_id}' in {self.where}") from None
         except OSError as exc:
             raise StorageError(f"cannot read the record of job '{job_id}': {exc.strerror or exc}") from None
         if record.history and not record.metrics:  # a record from before history.jsonl held its history
@@ -312,6 +359,7 @@ class Storage:
                 os.fsync(handle.fileno())
         except OSError as exc:
             raise StorageWriteError.of(path, exc) from exc
+        bucket.push_file(path)
 
     def rewrite_history(self, job_id: str, entries: list[dict]) -> None:
         """Replace the history (a restart or resume cuts it back to its checkpoint)."""
@@ -322,7 +370,7 @@ class Storage:
     def read_history(self, job_id: str) -> list[dict]:
         """Every epoch's entry, oldest first; a last line cut short by a
         crash mid-append is left out."""
-        path = self.job_dir(job_id) / HISTORY_FILE
+        path = bucket.pull_file(self.job_dir(job_id) / HISTORY_FILE)
         try:
             text = read_stored_text(path, HISTORY_LIMIT, f"the history of job '{job_id}'")
         except FileNotFoundError:
@@ -344,6 +392,8 @@ class Storage:
 
     def records(self) -> list[JobRecord]:
         """Every job in the storage, newest first."""
+        for job_id in bucket.job_names(self.root):
+            bucket.pull_file(self.root / job_id / RECORD_FILE)
         if not self.root.is_dir():
             return []
         found = []
@@ -354,11 +404,31 @@ class Storage:
                 continue  # not a job `list` can show; `status` of it says why
         return sorted(found, key=lambda r: r.created_at, reverse=True)
 
+    def pull_job(self, job_id: str) -> None:
+        """On a bucket: this process's mirror of the job made like the
+        bucket's (record, history, checkpoints, final model); TensorBoard's
+        files and Ray's are left to those who read them."""
+        job_dir = self.job_dir(job_id)
+        if bucket.locate(job_dir) is None:
+            return
+        bucket.pull_file(job_dir / RECORD_FILE)
+        bucket.pull_file(job_dir / HISTORY_FILE)
+        names = bucket.bucket().listing(bucket.locate(job_dir / "checkpoints"))
+        published = {name.split("/")[0] for name in names if name.endswith(f"/{bucket.MANIFEST_FILE}")}
+        local = job_dir / "checkpoints"
+        for folder in local.glob("epoch-*") if local.is_dir() else ():
+            if folder.name not in published and (folder / bucket.MANIFEST_FILE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # deleted in the bucket (retention)
+        for name in sorted(published):
+            if _CHECKPOINT_NAME.fullmatch(name):
+                bucket.pull_folder(local / name)
+        bucket.pull_folder(self.model_dir(job_id))
+
     @staticmethod
     def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
         """The driver's callback state saved with a checkpoint: {"epoch": int,
         "callbacks": {name: state}}; StorageError if the file is not that."""
-        path = checkpoint / CHECKPOINT_STATE_FILE
+        path = bucket.pull_folder(checkpoint) / CHECKPOINT_STATE_FILE
         try:
             state = json.loads(read_stored_text(path, STATE_LIMIT, "a checkpoint's state"))
         except (OSError, ValueError) as exc:

@@ -33,6 +33,7 @@ import time
 from typing import Callable
 
 from orchestra.errors import StorageError, StorageWriteError
+from orchestra.storage import bucket
 from orchestra.storage.folders import Storage, atomic_write_text
 from orchestra.storage.lease import (
     SMALL_FILE_LIMIT,
@@ -74,7 +75,8 @@ def claim(record: JobRecord) -> None:
 def read_beat(storage: Storage, record: JobRecord) -> dict:
     """The record's driver's heartbeat file ({} if none, unreadable, or another driver's)."""
     try:
-        beat = json.loads(read_stored_text(storage.job_dir(record.job_id) / HEARTBEAT_FILE, SMALL_FILE_LIMIT,
+        beat = json.loads(read_stored_text(bucket.pull_file(storage.job_dir(record.job_id) / HEARTBEAT_FILE),
+                                           SMALL_FILE_LIMIT,
                                            "a heartbeat"))  # a FIFO or a device is refused, not waited on
     except (OSError, StorageError, ValueError):
         return {}

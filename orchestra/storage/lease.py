@@ -38,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 
 from orchestra.errors import JobStateError, StorageError
+from orchestra.storage import bucket
 from orchestra.storage.folders import atomic_write_text
 from orchestra.storage.paths import read_stored_text
 
@@ -138,7 +139,8 @@ class Owner(Process):
 def read_owner(job_dir: Path) -> Owner | None:
     """The lease's owner as `lease.json` says (None: none yet, or unreadable, which counts as no owner)."""
     try:
-        text = read_stored_text(job_dir / OWNER_FILE, SMALL_FILE_LIMIT, "the lease's owner")  # never a FIFO
+        text = read_stored_text(bucket.pull_file(job_dir / OWNER_FILE), SMALL_FILE_LIMIT,
+                                "the lease's owner")  # never a FIFO
         return Owner(**asdict(Process.from_json(text)), generation=int(json.loads(text)["generation"]))
     except (OSError, StorageError, ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -156,7 +158,7 @@ def probe(job_dir: Path) -> Liveness:
     if not _OFD:
         return Liveness.UNKNOWN
     try:
-        fd = os.open(job_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: not waited on
+        fd = os.open(bucket.node_path(job_dir / LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: not waited on
     except OSError:
         return Liveness.UNKNOWN
     try:
@@ -233,9 +235,10 @@ class Lease:
         next generation (above the last owner's and `generation_at_least`,
         the record's). LeaseHeld if a live driver holds it; StorageError if
         the storage has no locks to give."""
-        path = job_dir / LOCK_FILE
+        path = bucket.node_path(job_dir / LOCK_FILE)  # on a bucket: one lock per node (see storage.bucket)
         before = read_owner(job_dir)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as exc:
             raise StorageError(f"cannot open the lease of job {job_id} ({path}): {exc.strerror or exc}") from None
@@ -250,10 +253,8 @@ class Lease:
                                    f"({exc.strerror}), which orchestra needs to keep one driver per job: "
                                    "mount it with locking (NFS: not 'nolock')") from None
             raise StorageError(f"cannot lock the lease of job {job_id} ({path}): {exc.strerror or exc}") from None
-        last = read_owner(job_dir)
-        owner = Owner.taking(max(last.generation if last else 0, generation_at_least) + 1)
         try:
-            atomic_write_text(job_dir / OWNER_FILE, owner.to_json())
+            owner = _next_owner(job_dir, job_id, generation_at_least)
         except BaseException:
             os.close(fd)
             raise
@@ -275,6 +276,33 @@ class Lease:
             self._fd = None
         if _HELD.get(str(self.job_dir)) is self:
             del _HELD[str(self.job_dir)]
+
+
+def _next_owner(job_dir: Path, job_id: str, generation_at_least: int) -> Owner:
+    """Write this process into `lease.json` with the next generation. On a
+    bucket, with conditional writes, only if `lease.json` is still what was
+    read (If-Match its ETag; If-None-Match for the first owner): two drivers
+    that locked on different nodes cannot both take the same generation;
+    the one that loses is refused (LeaseHeld)."""
+    place = bucket.locate(job_dir / OWNER_FILE)
+    if place is None or not bucket.conditional_writes():
+        last = read_owner(job_dir)
+        owner = Owner.taking(max(last.generation if last else 0, generation_at_least) + 1)
+        atomic_write_text(job_dir / OWNER_FILE, owner.to_json())
+        return owner
+    tagged = bucket.get_tagged(place, SMALL_FILE_LIMIT)
+    try:
+        last = int(json.loads(tagged[0])["generation"]) if tagged else 0
+    except (ValueError, TypeError, KeyError):
+        last = 0  # an unreadable lease.json counts as no owner, as read_owner has it
+    owner = Owner.taking(max(last, generation_at_least) + 1)
+    try:
+        bucket.put_if(place, owner.to_json().encode(), tagged[1] if tagged else None)
+    except bucket.WriteConflict:
+        raise LeaseHeld(f"job {job_id}: another driver took its lease at the same moment "
+                        f"(generation {owner.generation})") from None
+    bucket.pull_file(job_dir / OWNER_FILE)
+    return owner
 
 
 def held(job_dir: Path) -> Lease | None:
@@ -314,7 +342,7 @@ def request_stop(job_dir: Path, generation: int) -> None:
 def stop_requested(job_dir: Path, generation: int) -> bool:
     """Whether a stop was asked of this generation of the job's driver."""
     try:
-        text = read_stored_text(job_dir / STOP_FILE, SMALL_FILE_LIMIT, "a stop request")
+        text = read_stored_text(bucket.pull_file(job_dir / STOP_FILE), SMALL_FILE_LIMIT, "a stop request")
         return json.loads(text).get("generation") == generation
     except (OSError, StorageError, ValueError, AttributeError):
         return False
@@ -324,5 +352,6 @@ def clear_stop_request(job_dir: Path) -> None:
     """A new owner starts with no stop request (an old one was its predecessor's)."""
     try:
         (job_dir / STOP_FILE).unlink(missing_ok=True)
-    except OSError:
+        bucket.remove_file(job_dir / STOP_FILE)
+    except (OSError, StorageError):
         pass

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import JobStateError, StorageError
+from orchestra.storage import bucket
 from orchestra.storage.paths import resolve_stored, stored_name
 
 
@@ -90,6 +91,15 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+class Attempt(BaseModel):
+    """One run of a job's driver: the job's first, then one per `orchestra resume`."""
+
+    workers: int
+    from_epoch: int = Field(default=0, description="The checkpoint's epoch it continued from (0: the start).")
+    started_at: float = Field(default_factory=time.time)
+    ray_job: str | None = Field(default=None, description="The Ray job (submission id) it ran as, on a cluster.")
+
+
 class _JobFields(BaseModel):
     """The fields a status and a record share, under the same names."""
 
@@ -123,6 +133,9 @@ class _JobFields(BaseModel):
     class_names: list[str] | None = Field(default=None, description="An image folder's classes, in label order.")
     skipped_files: int = Field(default=0, description="Files of an image folder that are not readable images.")
     metrics: dict[str, int | float] = Field(default_factory=dict, description="The last epoch's history entry.")
+    attempts: list[Attempt] = Field(default_factory=list, description="Each run of the job's driver, oldest first.")
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="What each plugin callback adds to the record, under its registered name.")
 
 
 class JobStatus(_JobFields):
@@ -148,7 +161,8 @@ class JobStatus(_JobFields):
         for label, value in (("best checkpoint", self.best_checkpoint), ("model", self.model_path),
                              ("tensorboard", self.tensorboard_logdir)):
             if value:
-                lines.append(f"  {label:<17} {value}")
+                place = bucket.locate(value)  # a job on a bucket: where it is there, not in this process's mirror
+                lines.append(f"  {label:<17} {place.uri if place else value}")
         return "\n".join(lines)
 
 
@@ -203,6 +217,10 @@ class JobRecord(_JobFields):
         self.model_path = None
         self.worker_pids = {}
         self.startup = {}  # the resumed run's start-up is measured afresh
+
+    def begin_attempt(self, from_epoch: int = 0, ray_job: str | None = None) -> None:
+        """A new run of the job's driver (a new job, a resume), on `workers` workers."""
+        self.attempts = [*self.attempts, Attempt(workers=self.workers, from_epoch=from_epoch, ray_job=ray_job)]
 
     def _move(self, new: JobState, reason: str | None) -> None:
         if new not in ALLOWED_TRANSITIONS[self.state]:

@@ -9,7 +9,7 @@ fails when the two differ.
     python -m orchestra.tools.spec_reference --write docs/spec.md  # rewrite it between the markers
 
 One table per spec section (a section is a Pydantic model: `data`,
-`data.images`, `callbacks.early_stopping`, …): field path, JSON type,
+`data.images`, `callbacks[].config<EarlyStopping>`, …): field path, JSON type,
 default, allowed values and constraints, description. Types and constraints
 come from the JSON Schema (`orchestra schema`), defaults and descriptions
 from the model fields. Nothing here imports TensorFlow or Ray.
@@ -29,7 +29,6 @@ from pydantic_core import PydanticUndefined
 
 from orchestra.spec import JobSpec
 from orchestra.spec import model as model_rules
-from orchestra.spec.problems import first_model
 
 START_MARKER = "<!-- spec-reference:start -->"
 END_MARKER = "<!-- spec-reference:end -->"
@@ -51,9 +50,20 @@ def _sections(model: type[BaseModel], path: str) -> list[tuple[str, type[BaseMod
     """(path, model) for `model` and every section below it, depth first."""
     found = [(path, model)]
     for name, field in model.model_fields.items():
-        child = first_model(field.annotation)
-        if child is not None:
-            found += _sections(child, _section_path(path, name, field))
+        children = _models_in(field.annotation)
+        for child in children:  # a union of sections (a callback's config): one table each, by its class
+            label = f"<{child.__name__.removesuffix('Spec')}>" if len(children) > 1 else ""
+            found += _sections(child, _section_path(path, name, field) + label)
+    return found
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every spec class a field's type names, in order."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in getattr(annotation, "__args__", ()):
+        found += [model for model in _models_in(arg) if model not in found]
     return found
 
 
@@ -98,7 +108,7 @@ def _section_path(path: str, name: str, field: Any) -> str:
 def _describe(prop: dict[str, Any], section: str) -> tuple[str, str]:
     """(type, allowed values and constraints) of one property's schema;
     `section` names the table of a nested section."""
-    members = prop.get("anyOf", [prop])
+    members = prop.get("anyOf") or prop.get("oneOf") or [prop]
     nullable = any(member.get("type") == "null" for member in members)
     kinds: list[str] = []
     rules: list[str] = []
@@ -108,7 +118,7 @@ def _describe(prop: dict[str, Any], section: str) -> tuple[str, str]:
         kind, rule = _member(member, section)
         if kind not in kinds:
             kinds.append(kind)
-        if rule:
+        if rule and rule not in rules:
             rules.append(rule)
     kind = " or ".join(kinds) + (" or null" if nullable else "")
     return kind, ", or ".join(rules)
@@ -118,6 +128,9 @@ def _member(schema: dict[str, Any], section: str) -> tuple[str, str]:
     """(type, constraints) of one member of a union."""
     if "$ref" in schema:
         return "object", f"see `{section}`"
+    if "oneOf" in schema or "anyOf" in schema:  # a union inside a list
+        kind, rule = _describe(schema, section)
+        return kind.replace(" or ", "/"), rule
     if "const" in schema:
         return schema.get("type", "value"), _literal(schema["const"])
     if "enum" in schema:
@@ -159,6 +172,9 @@ def _default(field: Any, required: bool) -> str:
     if field.default is not PydanticUndefined:
         return _literal(field.default)
     value = field.default_factory()
+    if isinstance(value, list):  # e.g. the default callbacks, as a spec would write them
+        value = [item.model_dump(mode="json", exclude_defaults=True) if isinstance(item, BaseModel) else item
+                 for item in value]
     return _literal({} if isinstance(value, BaseModel) else value)
 
 

@@ -77,6 +77,7 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
             super().__init__()
             self.best_weights = best_weights
             self.superseded = False  # a newer attempt of the worker group took over
+            self.finishes = True  # test and save the final model after fit (not if superseded or failed)
             self.reported = False  # the first report carries the start-up marks
             self.checkpoints = CheckpointWriter(rank, lambda ref: channel.checkpoint_saved(attempt, ref),
                                                 notify_in_background=getattr(channel, "thread_safe", False),
@@ -116,9 +117,12 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
                 final = Path(order.directory)
                 self.checkpoints.save(self.model, final, order.weights_only, order.state, self.best_weights,
                                       CheckpointRef(order.state["epoch"], str(final)))
+            if decision.learning_rate is not None:
+                set_learning_rate(self.model, decision.learning_rate)
             if decision.stop:
                 self.model.stop_training = True
                 self.superseded = decision.superseded
+                self.finishes = decision.finishes
 
         def drain(self, raise_errors: bool = True) -> None:
             """Wait until the last checkpoint is published; raise its failure."""
@@ -126,7 +130,15 @@ def channel_callback(channel, attempt: int, rank: int, best_weights: list | None
 
         def on_train_end(self, logs=None):
             self.drain()
-            if self.best_weights is not None and not self.superseded:
+            if self.best_weights is not None and self.finishes:
                 self.model.set_weights(self.best_weights)
 
     return ChannelCallback()
+
+
+def set_learning_rate(model, value: float) -> None:
+    """Set the optimizer's rate for the next epoch, as Keras's
+    ReduceLROnPlateau and LearningRateScheduler do."""
+    from orchestra.keras_compat import keras
+
+    keras().backend.set_value(model.optimizer.learning_rate, value)

@@ -14,10 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from orchestra.build import tuning
+from orchestra.build.accelerators import collective_options, grow_gpu_memory
+from orchestra.coordinator.learning_rate import scheduled_learning_rate
 from orchestra.coordinator.protocol import FinalResult, StartReply, WorkerConfig
-from orchestra.spec import JobSpec
-from orchestra.storage.folders import model_file
-from orchestra.worker.bridge import RayChannel, channel_callback, worker_group
+from orchestra.spec import (
+    JobSpec,
+    LearningRateSchedulerSpec,
+    TensorBoardSpec,
+    config_of,
+)
+from orchestra.storage.folders import Storage, model_file
+from orchestra.worker.bridge import (
+    RayChannel,
+    channel_callback,
+    set_learning_rate,
+    worker_group,
+)
 from orchestra.worker.histograms import WeightHistograms
 from orchestra.worker.pipelines import JobExamples, Pipelines, job_examples
 from orchestra.worker.progress import progress_callback
@@ -34,14 +46,12 @@ def train_loop(config: dict[str, WorkerConfig]) -> None:
     context = ray.train.get_context()
     world_size = context.get_world_size()
     _configure_threads(tuning.threads_per_worker(worker.spec))
+    grow_gpu_memory(worker.spec)
     tf = tensorflow()
     if tuning.needs_collectives(worker.spec, world_size):
         # Must exist before any other TensorFlow op runs in this process.
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                bytes_per_pack=tuning.gradient_pack_bytes(worker.spec),
-            )
-        )
+            communication_options=collective_options(worker.spec, tuning.gradient_pack_bytes(worker.spec)))
     else:
         strategy = tf.distribute.get_strategy()
     train(worker, context.get_world_rank(), world_size, strategy, RayChannel(worker.channel))
@@ -67,12 +77,13 @@ def train(config: WorkerConfig, rank: int, world_size: int, strategy, channel) -
     pipelines = Pipelines(config, examples, rank, world_size, strategy)
     model = _build(spec, examples, pipelines, strategy)
     initial_epoch, best_weights = _restore(model, start, strategy)
+    _first_learning_rate(spec, model, initial_epoch)
     validation, validation_steps = pipelines.validation()
     startup["model"] = time.time()
     bridge = channel_callback(
         channel, start.attempt, rank, best_weights,
         samples_per_epoch=pipelines.steps * pipelines.per_worker_batch,
-        log_batches=bool(spec.callbacks.tensorboard and spec.callbacks.tensorboard.update_freq == "batch"),
+        log_batches=_logs_batches(spec),
         histograms=_histograms(spec, config, rank),
         startup=startup,
         fence=config.lease,
@@ -93,7 +104,7 @@ def train(config: WorkerConfig, rank: int, world_size: int, strategy, channel) -
         bridge.drain(raise_errors=False)  # the checkpoint being written is published before the job ends
         raise
     bridge.drain()  # a no-op after on_train_end; kept so no path skips it
-    if not bridge.superseded:
+    if bridge.finishes:
         _finish(model, config, examples, pipelines, rank, channel)
 
 
@@ -114,7 +125,23 @@ def _restore(model, start: StartReply, strategy) -> tuple[int, list | None]:
         # Slots must exist for the checkpoint's optimizer state to load into them.
         model.optimizer.build(model.trainable_variables)
     model.load_weights(str(model_file(folder)))
+    learning_rate = Storage.read_checkpoint_state(folder).get("learning_rate")
+    if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        set_learning_rate(model, float(learning_rate))  # as the driver decided it (ReduceLROnPlateau)
     return start.checkpoint.epoch, load_best_weights(folder)
+
+
+def _first_learning_rate(spec: JobSpec, model, initial_epoch: int) -> None:
+    """A LearningRateScheduler's rate for the first epoch this run trains:
+    the driver decides each later one when the epoch before ends."""
+    scheduler = config_of(spec.callbacks, LearningRateSchedulerSpec)
+    if scheduler is not None:
+        set_learning_rate(model, scheduled_learning_rate(scheduler.schedule, initial_epoch))
+
+
+def _logs_batches(spec: JobSpec) -> bool:
+    board = config_of(spec.callbacks, TensorBoardSpec)
+    return board is not None and board.batch_every is not None
 
 
 def _progress(channel, rank: int, pipelines: Pipelines) -> list:
@@ -125,7 +152,7 @@ def _progress(channel, rank: int, pipelines: Pipelines) -> list:
 
 
 def _histograms(spec: JobSpec, config: WorkerConfig, rank: int) -> WeightHistograms | None:
-    board = spec.callbacks.tensorboard
+    board = config_of(spec.callbacks, TensorBoardSpec)
     if rank != 0 or board is None or not board.histogram_freq:
         return None
     return WeightHistograms(Path(config.tensorboard_dir) / "train", board.histogram_freq)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestra.build import data as data_lib
-from orchestra.build import node_cache, tuning
+from orchestra.build import node_cache, shards, tuning
 from orchestra.coordinator.protocol import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,22 @@ class JobExamples:
 
 def job_examples(config: WorkerConfig) -> JobExamples:
     spec = config.spec
+    if spec.data.shards is not None:
+        return JobExamples(*shards.open_examples(spec.data, Path(config.datasets_dir)))
     if config.images is None:
         arrays = job_arrays(config)
         test = None if arrays.x_test is None else data_lib.ArrayExamples(arrays.x_test, arrays.y_test)
         validation = None if arrays.x_val is None else data_lib.ArrayExamples(arrays.x_val, arrays.y_val)
         return JobExamples(data_lib.ArrayExamples(arrays.x_train, arrays.y_train), validation, test,
                            arrays.input_shape)
-    from orchestra.build.images import FolderExamples
+    from orchestra.build.images import FolderExamples, recipe
+    from orchestra.build.loader_processes import LoaderPool
+
+    # One pool of loader processes for this worker, shared by its sets; it ends with the worker.
+    pool = LoaderPool(spec.data_loader.processes, recipe(spec.data, spec.seed))
 
     def folder(index):
-        return None if index is None else FolderExamples(index, spec.data, threads=spec.data_loader.processes,
-                                                         seed=spec.seed)
+        return None if index is None else FolderExamples(index, spec.data, seed=spec.seed, pool=pool)
 
     return JobExamples(folder(config.images.train), folder(config.images.validation), None,
                        spec.data.images.image_shape)
@@ -82,15 +87,15 @@ class Pipelines:
         self.spec, self.examples = config.spec, examples
         self.rank, self.world_size, self.strategy = rank, world_size, strategy
         self.global_batch = self.spec.fit.batch_size
-        self.steps = self.spec.fit.steps_per_epoch or data_lib.steps_per_epoch(len(examples.train),
-                                                                               self.global_batch)
+        self.steps = self.spec.fit.steps_per_epoch or shards.training_steps(examples.train, self.global_batch,
+                                                                            world_size)
         self.per_worker_batch = self.global_batch // world_size
         self.evaluation_batch = max(1, tuning.evaluation_batch_size(self.spec) // world_size)
 
     def training(self, initial_epoch: int):
         spec = self.spec
         return self.strategy.distribute_datasets_from_function(
-            lambda _: data_lib.training_pipeline(
+            lambda _: shards.training_pipeline(
                 self.examples.train,
                 global_batch=self.global_batch, rank=self.rank, world_size=self.world_size,
                 shuffle=spec.fit.shuffle, seed=spec.seed, initial_epoch=initial_epoch,
@@ -103,11 +108,11 @@ class Pipelines:
     def evaluation(self, examples):
         """(dataset, steps) over a whole evaluation set."""
         dataset = self.strategy.distribute_datasets_from_function(
-            lambda _: data_lib.evaluation_pipeline(
+            lambda _: shards.evaluation_pipeline(
                 examples, per_worker_batch=self.evaluation_batch, rank=self.rank, world_size=self.world_size
             )
         )
-        return dataset, data_lib.evaluation_steps(len(examples), self.evaluation_batch, self.world_size)
+        return dataset, shards.evaluation_steps(examples, self.evaluation_batch, self.world_size)
 
     def validation(self):
         """(dataset, steps) of the validation set, or (None, None)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestra.errors import StorageWriteError
+from orchestra.storage import bucket
 from orchestra.storage.folders import (
     BEST_WEIGHTS_FILE,
     CHECKPOINT_STATE_FILE,
@@ -47,13 +48,16 @@ def save_model(model, directory: Path, weights_only: bool) -> None:
 def _write_published(final: Path, write: Callable[[Path], None], state: dict[str, Any] | None,
                      best_weights: list | None, fence: Fence | None = None) -> None:
     """`write(staging)` the model, add the state and best weights, publish by
-    rename, if the job's lease is still `fence`'s generation (LeaseLost if not)."""
+    rename, if the job's lease is still `fence`'s generation (LeaseLost if not).
+    On a bucket `final` may be a path of the driver's mirror: the folder is
+    written in this process's own mirror and published to the bucket."""
     import numpy as np
 
-    staging = final.parent / f"{STAGING_PREFIX}{final.name}-{os.getpid()}"
+    local = bucket.own(final)
+    staging = local.parent / f"{STAGING_PREFIX}{local.name}-{os.getpid()}"
     try:
-        if final.parent.is_symlink():  # storage is input: a planted symlink would take the write elsewhere
-            raise OSError(errno.ELOOP, f"{final.parent} is a symlink")
+        if local.parent.is_symlink():  # storage is input: a planted symlink would take the write elsewhere
+            raise OSError(errno.ELOOP, f"{local.parent} is a symlink")
         if staging.is_symlink() or staging.is_file():
             staging.unlink()
         else:
@@ -117,7 +121,9 @@ def snapshot(model) -> Snapshot:
 
     optimizer = getattr(model, "optimizer", None)
     values = keras().backend.batch_get_value(_optimizer_variables(optimizer)) if optimizer is not None else []
-    return Snapshot(model.get_weights(), list(values), learning_rate_of(optimizer))
+    # A schedule's rate follows the restored `iterations`; it is not settable.
+    scheduled = isinstance(getattr(optimizer, "_learning_rate", None), keras().optimizers.schedules.LearningRateSchedule)
+    return Snapshot(model.get_weights(), list(values), None if scheduled else learning_rate_of(optimizer))
 
 
 def learning_rate_of(optimizer) -> float | None:
@@ -243,7 +249,7 @@ def load_best_weights(checkpoint: Path) -> list | None:
     """The restore_best_weights snapshot saved with a checkpoint, or None."""
     import numpy as np
 
-    path = checkpoint / BEST_WEIGHTS_FILE
+    path = bucket.pull_folder(checkpoint) / BEST_WEIGHTS_FILE
     if not path.is_file():
         return None
     with np.load(path) as saved:

@@ -1,0 +1,246 @@
+"""`orchestra data convert`: a dataset written as shards and a manifest.
+
+A Keras dataset name, an `.npz` of Keras's arrays or a class-per-subfolder
+image folder becomes a folder of shard files (`npy` pairs or `tfrecord`
+files, as `orchestra.build.shards` reads them) and a `manifest.json`
+saying what they hold, so that jobs read it on the fly
+(`data.shards`) and pre-flight checks it without loading it.
+
+The folder is written beside its destination and renamed into place at the
+end: a failed conversion leaves nothing behind.
+
+    orchestra data convert mnist mnist-npy --format npy --shards 4
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from orchestra.build import data as data_lib
+from orchestra.build.shards import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    X_DTYPES,
+    Manifest,
+)
+from orchestra.errors import FieldError
+from orchestra.spec import MAX_CLASSES, ImageFolderSpec
+
+CHUNK = 8192  # examples read from the source at a time
+
+
+@dataclass
+class SourceSplit:
+    """One split of a source: `count` examples, read a range at a time.
+
+    Args:
+        count: how many examples.
+        read: (start, stop) -> (x, y): examples as stored, integer labels.
+    """
+
+    count: int
+    read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Source:
+    """A dataset to convert: its splits, the layout of one example, its classes.
+
+    Example:
+
+        >>> import numpy as np
+        >>> x, y = np.zeros((10, 3), np.uint8), np.arange(10) % 2
+        >>> source = Source.of_arrays({"train": (x, y)}, "toy")
+        >>> source.classes, source.shape
+        (['0', '1'], (3,))
+    """
+
+    splits: dict[str, SourceSplit]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    classes: list[str]
+    name: str
+
+    @classmethod
+    def of_arrays(cls, arrays: dict[str, tuple[np.ndarray, np.ndarray]], name: str) -> Source:
+        labels = {split: _labels(y) for split, (_, y) in arrays.items()}
+        largest = max(int(y.max()) for y in labels.values() if len(y))
+        first = next(iter(arrays.values()))[0]
+        splits = {split: SourceSplit(len(x), lambda a, b, x=x, y=labels[split]: (x[a:b], y[a:b]))
+                  for split, (x, _) in arrays.items()}
+        return cls(splits, tuple(first.shape[1:]), first.dtype, [str(c) for c in range(largest + 1)], name)
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    y = data_lib._column(np.asarray(y))
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise FieldError("SRC", f"has labels of shape {y.shape[1:]} and type {y.dtype}; shards hold one integer "
+                                "class per example")
+    if len(y) and int(y.min()) < 0:
+        raise FieldError("SRC", f"has a negative label ({int(y.min())}); classes are 0, 1, ...")
+    if len(y) and int(y.max()) >= MAX_CLASSES:
+        raise FieldError("SRC", f"has label {int(y.max())}; at most {MAX_CLASSES} classes")
+    return y.astype(np.int64) if y.dtype.name not in ("uint8", "int8", "uint16", "int16", "int32", "int64") else y
+
+
+def open_source(src: str, datasets: str | None = None, target_size: tuple[int, int] = (256, 256),
+                color_mode: str = "rgb") -> Source:
+    """The dataset SRC names: an image folder, an `.npz` path or a Keras dataset name."""
+    if Path(src).expanduser().is_dir():
+        return _image_folder(Path(src).expanduser(), target_size, color_mode)
+    directory = data_lib.datasets_dir(datasets)
+    try:
+        npz = data_lib.resolve_source(src, directory)
+        raw = data_lib.read_raw(src, npz, directory)
+    except FieldError as exc:
+        raise FieldError("SRC", str(exc)) from None
+    arrays = {"train": (raw["x_train"], raw["y_train"])}
+    if raw.get("x_test") is not None and raw.get("y_test") is not None and len(raw["x_test"]):
+        arrays["test"] = (raw["x_test"], raw["y_test"])
+    for split, (x, y) in arrays.items():
+        if x.dtype.name not in X_DTYPES or len(x) != len(y) or not len(x):
+            raise FieldError("SRC", f"x_{split} ({x.dtype}, {len(x)} examples) and y_{split} ({len(y)} labels) "
+                                    f"cannot be shards: numbers of a type in {', '.join(X_DTYPES)}, one label each")
+    return Source.of_arrays(arrays, src)
+
+
+def _image_folder(folder: Path, target_size: tuple[int, int], color_mode: str) -> Source:
+    """An image folder's readable images, decoded and resized as a job's `data.images` would."""
+    from orchestra.build.images import decode, index_folder
+
+    images = ImageFolderSpec(train_dir=str(folder), target_size=list(target_size), color_mode=color_mode)
+    index = index_folder(str(folder), "SRC")
+    labels = np.asarray(index.labels, np.int64)
+    pool = ThreadPoolExecutor(max_workers=4)
+
+    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        decoded = pool.map(lambda path: decode(path, images).astype(np.uint8), index.files[start:stop])
+        return np.stack(list(decoded)), labels[start:stop]
+
+    return Source({"train": SourceSplit(len(index.files), read)}, images.image_shape, np.dtype(np.uint8),
+                  list(index.class_names), str(folder))
+
+
+def write_shards(source: Source, dest: str | os.PathLike, shard_format: str, shards: int) -> Manifest:
+    """Write `source` as `shards` shard files a split (fewer for a split
+    with fewer examples) and its manifest into the new folder `dest`."""
+    dest = Path(dest).expanduser()
+    if shard_format not in ("npy", "tfrecord"):
+        raise FieldError("--format", f"'{shard_format}' is not a shard format: use npy or tfrecord")
+    if shards < 1:
+        raise FieldError("--shards", f"{shards}: give 1 or more")
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise FieldError("DEST", f"{dest} exists and is not an empty folder: give a new folder")
+    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        splits = {name: _write_split(staging, name, split, source, shard_format, shards)
+                  for name, split in source.splits.items()}
+        manifest = Manifest.model_validate({
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "shard_format": shard_format,
+            "source": source.name[:4096], "classes": source.classes,
+            "x": {"shape": list(source.shape), "dtype": source.dtype.name},
+            "y_dtype": _label_dtype(source).name, "splits": splits,
+        })
+        (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(exclude_none=True), indent=1))
+        if dest.exists():
+            dest.rmdir()
+        os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _label_dtype(source: Source) -> np.dtype:
+    first = next(iter(source.splits.values()))
+    return first.read(0, min(1, first.count))[1].dtype
+
+
+def _write_split(folder: Path, name: str, split: SourceSplit, source: Source, shard_format: str,
+                 shards: int) -> dict:
+    bounds = np.linspace(0, split.count, min(shards, split.count) + 1).astype(np.int64)
+    written = []
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        stem = f"{name}-{i:05d}-of-{len(bounds) - 1:05d}"
+        if shard_format == "npy":
+            files = _write_npy(folder, stem, split, source, int(start), int(stop))
+        else:
+            files = {"records": _write_tfrecord(folder / f"{stem}.tfrecord", split, int(start), int(stop))}
+        written.append({"count": int(stop - start), **files})
+    return {"count": split.count, "shards": written}
+
+
+def _write_npy(folder: Path, stem: str, split: SourceSplit, source: Source, start: int, stop: int) -> dict:
+    x_path, y_path = folder / f"{stem}-x.npy", folder / f"{stem}-y.npy"
+    x_out = np.lib.format.open_memmap(x_path, mode="w+", dtype=source.dtype, shape=(stop - start, *source.shape))
+    y_out = None
+    for a in range(start, stop, CHUNK):
+        x, y = split.read(a, min(a + CHUNK, stop))
+        x_out[a - start: a - start + len(x)] = x
+        if y_out is None:
+            y_out = np.lib.format.open_memmap(y_path, mode="w+", dtype=y.dtype, shape=(stop - start,))
+        y_out[a - start: a - start + len(y)] = y
+    x_out.flush()
+    y_out.flush()
+    del x_out, y_out
+    return {"x": _file_entry(folder, x_path), "y": _file_entry(folder, y_path)}
+
+
+def _write_tfrecord(path: Path, split: SourceSplit, start: int, stop: int) -> dict:
+    from orchestra.keras_compat import tensorflow
+
+    tf = tensorflow()
+    train = tf.train
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for a in range(start, stop, CHUNK):
+            x, y = split.read(a, min(a + CHUNK, stop))
+            x = np.ascontiguousarray(x, x.dtype.newbyteorder("<"))
+            for example, label in zip(x, y):
+                features = {"x": train.Feature(bytes_list=train.BytesList(value=[example.tobytes()])),
+                            "y": train.Feature(int64_list=train.Int64List(value=[int(label)]))}
+                writer.write(train.Example(features=train.Features(feature=features)).SerializeToString())
+    return _file_entry(path.parent, path)
+
+
+def _file_entry(folder: Path, path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**22), b""):
+            digest.update(block)
+    return {"path": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def convert(src: str, dest: str | os.PathLike, shard_format: str, shards: int, datasets: str | None = None,
+            target_size: tuple[int, int] = (256, 256), color_mode: str = "rgb") -> Manifest:
+    """`orchestra data convert SRC DEST --format F --shards N`.
+
+    Example:
+
+        >>> convert("mnist", "/tmp/mnist-npy", "npy", 4).splits["train"].count   # doctest: +SKIP
+        60000
+    """
+    return write_shards(open_source(src, datasets, target_size, color_mode), dest, shard_format, shards)
+
+
+def summary(manifest: Manifest, dest: str | os.PathLike) -> str:
+    """One line a split, for the CLI."""
+    lines = [f"{dest}: {manifest.shard_format} shards of {manifest.x.dtype} examples of shape "
+             f"{tuple(manifest.x.shape)}, {manifest.num_classes} classes"]
+    for name, split in manifest.splits.items():
+        size = sum(f.bytes for shard in split.shards for f in shard.files())
+        lines.append(f"  {name}: {split.count} examples in {len(split.shards)} shards, "
+                     f"{math.ceil(size / 2**20)} MB")
+    return "\n".join(lines)
