@@ -119,17 +119,16 @@ def scratch_dir() -> Path:
     return path
 
 
-class WorkerMemory:
-    """Samples, in a thread, the summed memory of the processes `pids()` names;
-    keeps the peak of the sums (RSS and PSS)."""
+class Sampler:
+    """Calls `sample()` every `interval` seconds in a thread, while used as
+    a context manager; `pids()` names the processes a sample looks at."""
 
     def __init__(self, pids, interval: float = 0.5):
         import threading
 
         self.pids, self.interval = pids, interval
-        self.rss_mb = self.pss_mb = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"bench-{type(self).__name__}", daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -140,16 +139,31 @@ class WorkerMemory:
         self._thread.join()
 
     def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class WorkerMemory(Sampler):
+    """Samples, in a thread, the summed memory of the processes `pids()` names;
+    keeps the peak of the sums (RSS and PSS)."""
+
+    def __init__(self, pids, interval: float = 0.5):
+        super().__init__(pids, interval)
+        self.rss_mb = self.pss_mb = 0.0
+
+    def sample(self) -> None:
         import psutil
 
-        while not self._stop.wait(self.interval):
-            rss = pss = 0.0
-            for pid in list(self.pids()):
-                try:
-                    info = psutil.Process(pid).memory_full_info()
-                except (psutil.Error, OSError):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.rss_mb = max(self.rss_mb, rss / 2**20)
-            self.pss_mb = max(self.pss_mb, pss / 2**20)
+        rss = pss = 0.0
+        for pid in list(self.pids()):
+            try:
+                info = psutil.Process(pid).memory_full_info()
+            except (psutil.Error, OSError):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        self.rss_mb = max(self.rss_mb, rss / 2**20)
+        self.pss_mb = max(self.pss_mb, pss / 2**20)

@@ -22,11 +22,12 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import Sampler
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,33 +61,24 @@ def spec_for(folder: Path, fmt: str, batch: int, epochs: int) -> dict:
     }
 
 
-class PeakMemory:
+class PeakMemory(Sampler):
     """Each process's high-water mark of resident memory (`VmHWM`), read
-    every `interval` seconds while the processes `pids()` names live."""
+    every `interval` seconds while the processes `pids()` names, as
+    (rank, pid) pairs, live."""
 
     def __init__(self, pids, interval: float = 0.5):
-        self.pids, self.interval, self.peaks = pids, interval, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-peaks", daemon=True)
+        super().__init__(pids, interval)
+        self.peaks: dict[str, float] = {}
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for rank, pid in list(self.pids()):
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                marks = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
-                if marks:  # a process that has exited (a zombie) has none
-                    self.peaks[rank] = max(self.peaks.get(rank, 0.0), marks[0] / 1024)
+    def sample(self) -> None:
+        for rank, pid in list(self.pids()):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            marks = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+            if marks:  # a process that has exited (a zombie) has none
+                self.peaks[rank] = max(self.peaks.get(rank, 0.0), marks[0] / 1024)
 
 
 def run_one(count: int, fmt: str, args) -> dict:

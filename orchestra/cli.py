@@ -228,10 +228,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = prepared.spec
     waits = _waits(spec, address)
     _print(args, {"spec": args.spec, "valid": True, "checked_files": True, "workers": spec.scaling.workers,
-                  "layers": len(spec.model.layers), "epochs": spec.fit.epochs, "storage": str(prepared.storage.root),
+                  "layers": len(spec.model.layers), "epochs": spec.fit.epochs, "storage": prepared.storage.where,
                   "waits_for": _waits_json(waits)},
            f"{args.spec}: valid — {spec.scaling.workers} workers, {len(spec.model.layers)} layers, "
-           f"up to {spec.fit.epochs} epochs, storage {prepared.storage.root}" + _waits_text(args.spec, waits))
+           f"up to {spec.fit.epochs} epochs, storage {prepared.storage.where}" + _waits_text(args.spec, waits))
     return EXIT_OK
 
 

@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,8 @@ def _override_callback(callbacks: list[dict], dotted: str, value) -> None:
         raise KeyError(f"callbacks.{name}: small_spec names callbacks by Keras class now, e.g. "
                        "callbacks.EarlyStopping, callbacks.ModelCheckpoint, callbacks.TensorBoard")
     entry = next((entry for entry in callbacks if entry["class_name"] == name), None)
+    if argument and entry is None:
+        raise KeyError(f"callbacks.{dotted}: {name} is not listed; give its whole config as callbacks.{name}")
     if argument:
         entry["config"][argument] = value
     elif value is None:
@@ -98,6 +102,36 @@ def read_job(job_dir: Path) -> dict:
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(json.dumps(spec))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets(tmp_path_factory) -> Path:
+    """A folder with tiny.npz: 60 training and 10 test examples of 4x4
+    pixels in 3 classes, so the checks before dispatch take no time."""
+    import numpy as np
+
+    directory = tmp_path_factory.mktemp("datasets")
+    rng = np.random.default_rng(0)
+    np.savez(directory / "tiny.npz", x_train=rng.integers(0, 255, (60, 4, 4), dtype=np.uint8),
+             y_train=rng.integers(0, 3, 60), x_test=rng.integers(0, 255, (10, 4, 4), dtype=np.uint8),
+             y_test=rng.integers(0, 3, 10))
+    return directory
+
+
+def get_json(url: str, data: dict | None = None, timeout: float = 60):
+    """The JSON a local server answers at `url` (POSTing `data` if given),
+    asked again every 0.5 s for up to `timeout` s while it does not answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def run_cli(*args, timeout=600, env=None):

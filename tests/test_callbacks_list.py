@@ -29,6 +29,7 @@ from orchestra.coordinator.protocol import (
     WorkerReport,
     WorkerStarted,
 )
+from orchestra.driver import callbacks as driver_callbacks
 from orchestra.driver.callbacks import make_callbacks
 from orchestra.spec import (
     JobSpec,
@@ -165,9 +166,7 @@ def test_a_registered_plugin_is_accepted_with_plain_arguments_and_built_by_the_p
         made.append((name, config, field))
         return CoordinatorCallback()
 
-    import orchestra.driver.plugins as plugins
-
-    monkeypatch.setattr(plugins, "plugin_callback", plugin_callback)
+    monkeypatch.setattr(driver_callbacks, "plugin_callback", plugin_callback)
     callbacks = built(spec, tmp_path)
     assert made == [("epoch_logger", {"every": 2, "tags": ["a", None], "nested": {"b": 1.5}}, "callbacks.0")]
     assert [type(cb) for cb in callbacks] == [CoordinatorCallback, EarlyStopping]

@@ -26,17 +26,6 @@ HOSTILE_IDS = ["../outside", "/etc/passwd", "a/../../b", "..", ".hidden", "job\n
                "x" * 200, "~root", "job;rm -rf /"]
 
 
-@pytest.fixture(scope="module")
-def tiny_datasets(tmp_path_factory):
-    """A 60-example dataset, so the checks before dispatch take no time."""
-    directory = tmp_path_factory.mktemp("datasets")
-    rng = np.random.default_rng(0)
-    np.savez(directory / "tiny.npz", x_train=rng.integers(0, 255, (60, 4, 4), dtype=np.uint8),
-             y_train=rng.integers(0, 3, 60), x_test=rng.integers(0, 255, (10, 4, 4), dtype=np.uint8),
-             y_test=rng.integers(0, 3, 10))
-    return directory
-
-
 def valid_spec() -> dict:
     return {
         "name": "tiny",

@@ -24,17 +24,6 @@ ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.001, "beta_1": 0.9, 
 COSINE = {"class_name": "CosineDecay", "config": {"initial_learning_rate": 0.05, "decay_steps": 60, "alpha": 0.1}}
 
 
-@pytest.fixture(scope="module")
-def tiny_datasets(tmp_path_factory):
-    """A 60-example, 3-class dataset, so the checks before dispatch take no time."""
-    directory = tmp_path_factory.mktemp("datasets")
-    rng = np.random.default_rng(0)
-    np.savez(directory / "tiny.npz", x_train=rng.integers(0, 255, (60, 4, 4), dtype=np.uint8),
-             y_train=rng.integers(0, 3, 60), x_test=rng.integers(0, 255, (10, 4, 4), dtype=np.uint8),
-             y_test=rng.integers(0, 3, 10))
-    return directory
-
-
 def tiny_spec(**compile_section) -> dict:
     spec = {
         "name": "tiny",

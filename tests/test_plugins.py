@@ -2,9 +2,11 @@
 group `orchestra.callbacks`, a spec names them, the driver runs them.
 
 The example package `examples/orchestra_seed_callbacks` (seed 004's two
-custom callbacks) is installed into this test environment with pip, from a
-copy (the build writes into its source folder), without the network, and
-uninstalled at the end. A second, test-only registration is a folder on
+custom callbacks) is installed with pip, from a copy (the build writes
+into its source folder), without the network, into a folder of its own that
+goes on this interpreter's path and the CLI processes' PYTHONPATH: the
+shared environment is never changed, so a killed run leaves nothing
+registered and runs side by side do not uninstall each other's. A second, test-only registration is a folder on
 PYTHONPATH holding a module and its `.dist-info` (what pip would write): a
 callback that raises, and a class that is not a callback.
 """
@@ -37,15 +39,26 @@ def pip(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def seed_callbacks(tmp_path_factory):
-    """The example plugin package, installed into this interpreter's environment."""
+    """The example plugin package, installed into a folder of its own on this
+    interpreter's path (`site_of` names the folder, for the CLI processes)."""
     source = tmp_path_factory.mktemp("example") / EXAMPLE.name
     shutil.copytree(EXAMPLE, source)
-    installed = pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(source))
+    site = tmp_path_factory.mktemp("site")
+    installed = pip("install", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(source))
     assert installed.returncode == 0, installed.stdout + installed.stderr
+    sys.path.insert(0, str(site))
     importlib.invalidate_caches()
-    yield importlib.import_module("orchestra_seed_callbacks")
-    pip("uninstall", "--yes", "orchestra-seed-callbacks")
-    importlib.invalidate_caches()
+    try:
+        yield importlib.import_module("orchestra_seed_callbacks")
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("orchestra_seed_callbacks", None)
+        importlib.invalidate_caches()
+
+
+def site_of(package) -> Path:
+    """The folder a package installed with `pip install --target` is in."""
+    return Path(package.__file__).resolve().parents[1]
 
 
 BROKEN_MODULE = '''
@@ -77,8 +90,9 @@ def broken_plugins(tmp_path_factory):
     return folder
 
 
-def with_path(folder: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+def with_path(*folders: Path) -> dict[str, str]:
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [*map(str, folders), os.environ.get("PYTHONPATH")]))}
 
 
 def test_the_example_package_registers_seed_004s_callbacks(seed_callbacks):
@@ -142,7 +156,7 @@ def plugin_spec(*entries: dict, **overrides) -> dict:
 
 def test_an_unregistered_or_broken_plugin_is_refused_before_dispatch(tmp_path, mnist_dir, seed_callbacks,
                                                                      broken_plugins):
-    env = with_path(broken_plugins)
+    env = with_path(site_of(seed_callbacks), broken_plugins)
     for entry, field, words in [
         ({"class_name": "epoch_loger", "config": {}}, "callbacks.0.class_name",
          ["epoch_logger", "train_summary", "raises", "did you mean 'epoch_logger'"]),
@@ -169,7 +183,8 @@ def test_plugin_callbacks_run_on_the_driver_of_a_two_worker_job(tmp_path, mnist_
         {"class_name": "train_summary", "config": {"monitor": "val_accuracy", "mode": "max"}},
         {"class_name": "TensorBoard", "config": {}},
     ))
-    result = run_cli("submit", spec, "--storage", storage, "--datasets", mnist_dir)
+    result = run_cli("submit", spec, "--storage", storage, "--datasets", mnist_dir,
+                     env=with_path(site_of(seed_callbacks)))
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split()[1].rstrip(":")
     record = read_job(storage / job_id)
@@ -207,5 +222,6 @@ def test_the_readmes_spec_with_a_plugin_callback_is_valid(tmp_path, mnist_dir, s
     assert "class_name: epoch_logger" in block
     spec = tmp_path / "readme.yaml"
     spec.write_text(block)
-    result = run_cli("validate", spec, "--datasets", mnist_dir, "--storage", tmp_path / "storage")
+    result = run_cli("validate", spec, "--datasets", mnist_dir, "--storage", tmp_path / "storage",
+                     env=with_path(site_of(seed_callbacks)))
     assert result.returncode == 0, result.stdout + result.stderr

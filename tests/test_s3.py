@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_cli, small_spec, write_spec
+from conftest import free_port, get_json, run_cli, small_spec, write_spec
 from s3_server import S3Server
 
 from orchestra.errors import StorageError
@@ -195,6 +194,38 @@ def test_a_manifest_naming_a_file_outside_its_folder_is_refused(s3, request, fre
         bucket.pull_folder(bucket.mirror_path(place))
 
 
+
+
+def test_the_csv_log_is_kept_in_the_bucket_and_a_resumed_driver_continues_it(s3, request, fresh_mirror):
+    from orchestra.coordinator import CSVLogger, Decision, EpochResult
+
+    fresh_mirror()
+    storage = Storage(storage_root(s3.uri(_prefix(request))))
+    path = storage.create_job_dir("job-1") / "training.log"
+    first = CSVLogger(path)
+    for epoch in (1, 2, 3):
+        first.on_epoch_end(EpochResult(epoch, {"loss": 1.0 / epoch}, 1.0, 1.0), Decision())
+    key = f"{bucket.locate(path).key}"
+    assert s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode().splitlines()[-1] == \
+        "2,0.3333333333333333,NA"
+    fresh_mirror()  # the resumed driver: another process, with nothing of the job here yet
+    resumed = CSVLogger(path)
+    resumed.load_state_dict({"epochs": 2})
+    resumed.on_epoch_end(EpochResult(3, {"loss": 0.25}, 1.0, 1.0), Decision())
+    rows = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode().splitlines()
+    assert rows == ["epoch,loss,val_loss", "0,1.0,NA", "1,0.5,NA", "2,0.25,NA"]
+def test_keys_that_name_no_job_folder_are_not_jobs(s3, request, fresh_mirror):
+    """`list` and `tensorboard` take job ids from the bucket's keys: `..` and hidden names are none."""
+    fresh_mirror()
+    root = storage_root(s3.uri(_prefix(request)))
+    Storage(root).write_record(JobRecord(job_id="job-1", name="n", workers=1, spec={}))
+    prefix = bucket.locate(root).key
+    for key in (f"{prefix}/../job.json", f"{prefix}/.hidden/job.json"):
+        s3.client().put_object(Bucket=s3.bucket, Key=key, Body=b"{}")
+    assert bucket.job_names(root) == ["job-1"]
+    fresh_mirror()
+    assert [record.job_id for record in Storage(root).records()] == ["job-1"]
+    assert not (root.parent / "job.json").exists()
 def test_tensorboard_files_are_pushed_as_they_grow_and_pulled_by_a_reader(s3, request, fresh_mirror):
     fresh_mirror()
     storage = Storage(storage_root(s3.uri(_prefix(request))))
@@ -268,6 +299,13 @@ def _cli(s3: S3Server, *args):
     return run_cli(*args, env={**os.environ, **s3.env})
 
 
+
+def test_validate_names_the_bucket_not_this_process_s_mirror(s3, request, tmp_path, mnist_dir):
+    uri = s3.uri(_prefix(request))
+    result = _cli(s3, "validate", write_spec(tmp_path / "job.json", small_spec()), "--storage", uri,
+                  "--datasets", mnist_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["storage"] == uri
 @pytest.mark.integration
 def test_a_job_on_the_bucket_succeeds_and_keeps_everything_there(s3, bucket_job):
     record, prefix = bucket_job["record"], bucket_job["prefix"]
@@ -325,18 +363,6 @@ def test_the_latest_checkpoint_loads_here_from_the_bucket_alone(s3, bucket_job, 
     assert value == pytest.approx(record["history"][-1]["val_loss"], rel=1e-5)
 
 
-def _get_json(url: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 @pytest.mark.integration
 def test_tensorboard_serves_the_bucket_jobs_scalars(s3, bucket_job):
     record, job = bucket_job["record"], bucket_job["record"]["job_id"]
@@ -348,7 +374,7 @@ def test_tensorboard_serves_the_bucket_jobs_scalars(s3, bucket_job):
         line = process.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, line + process.stderr.read()
         base = f"http://127.0.0.1:{port}"
-        served = _get_json(f"{base}/data/plugin/scalars/scalars?run={job}/train&tag=epoch_loss")
+        served = get_json(f"{base}/data/plugin/scalars/scalars?run={job}/train&tag=epoch_loss")
         assert [step for _, step, _ in served] == [h["epoch"] for h in record["history"]]
         assert [value for _, _, value in served] == pytest.approx([h["loss"] for h in record["history"]], rel=1e-5)
     finally:

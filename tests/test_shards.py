@@ -120,6 +120,20 @@ def test_cli_converts_and_reports_bad_input_in_one_line(tmp_path, toy_npz, capsy
     assert err.startswith("orchestra: SRC: 'nosuch' is neither") and "\n" not in err
 
 
+def test_cli_reports_a_bad_image_size_and_an_unwritable_destination_in_one_line(tmp_path, toy_npz, capsys):
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    assert cli_main(["data", "convert", str(tmp_path / "tree"), str(tmp_path / "x"), "--format", "npy",
+                     "--shards", "1", "--target-size", "0", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("orchestra: --target-size: ") and "\n" not in err
+    (tmp_path / "locked").write_text("a file, so nothing can be made below it")
+    assert cli_main(["data", "convert", str(toy_npz), str(tmp_path / "locked" / "out"), "--format", "npy",
+                     "--shards", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("orchestra: DEST: cannot write ") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "toy.npz", "tree"]
+
+
 def test_an_image_folder_becomes_shards_with_its_class_names(tmp_path):
     from PIL import Image
 

@@ -3,7 +3,6 @@ the TensorBoard page rendered in headless Chromium."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -16,25 +15,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import free_port, run_cli, small_spec
+from conftest import free_port, get_json, run_cli, small_spec
 
 from orchestra.spec import JobSpec
 
 pytestmark = pytest.mark.integration
-
-
-def get_json(url, data=None, timeout=60):
-    deadline = time.time() + timeout
-    while True:
-        try:
-            request = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from orchestra.spec import (
     KerasObjectSpec,
     OptimizerSpec,
 )
+from orchestra.spec.keras_objects import NAMESPACES, NESTED
 
 # Strings `compile` accepts as metrics without a registry entry.
 _COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
@@ -262,8 +263,6 @@ def _class_of(slot: str, name: str) -> type | None:
 
 def _elsewhere(name: str, slot: str) -> str:
     """`; it is a class of keras.losses` when a name belongs to another slot."""
-    from orchestra.spec.keras_objects import NAMESPACES
-
     for other in ("optimizer", "loss", "metric", "schedule"):
         if other != slot and _class_of(other, name) is not None and (slot, other) != ("loss", "metric"):
             return f"; '{name}' is a class of {NAMESPACES[other]}, not of {NAMESPACES[slot]}"
@@ -302,8 +301,6 @@ def object_problems(field: str, obj: KerasObjectSpec, slot: str) -> list[tuple[s
     """A Keras object against Keras: its class in the slot's namespace, its
     arguments against the constructor's (unknown ones with the close match,
     missing required ones), a schedule inside an optimizer likewise."""
-    from orchestra.spec.keras_objects import NAMESPACES, NESTED
-
     cls = _class_of(slot, obj.class_name)
     if cls is None:
         classes = sorted(keras_classes(slot))
@@ -340,8 +337,6 @@ def make_object(obj: KerasObjectSpec, slot: str):
     """The Keras object: its class called with its arguments (a schedule
     in an optimizer's `learning_rate` built first). Raises FieldError-free
     TypeError/ValueError from Keras for values the class refuses."""
-    from orchestra.spec.keras_objects import NESTED
-
     cls = _class_of(slot, obj.class_name)
     if cls is None:
         raise ValueError(f"unknown {slot} class '{obj.class_name}'")

@@ -1,4 +1,10 @@
-"""Keras's `CSVLogger` for the whole job, written by the driver."""
+"""Keras's `CSVLogger` for the whole job, written by the driver.
+
+On the workers, Keras's own callback would write one file per worker, each
+with its own share's numbers; the driver has the epoch's metrics
+aggregated over all workers, and the scalars its other callbacks add, so
+it writes the one file a single-process `fit` would.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 from orchestra.coordinator.base import CoordinatorCallback, EpochResult
 from orchestra.coordinator.protocol import Decision
+from orchestra.storage.bucket import own, pull_file, push_file
 
 
 class CSVLogger(CoordinatorCallback):
@@ -42,7 +49,7 @@ class CSVLogger(CoordinatorCallback):
     optional = True
 
     def __init__(self, path: str | Path, separator: str = ",", append: bool = False):
-        self.path = Path(path)
+        self.path = own(path)  # on a bucket: in this process's mirror
         self.separator = separator
         self.append = append
         self.keys: list[str] | None = None
@@ -57,6 +64,8 @@ class CSVLogger(CoordinatorCallback):
         return Dialect
 
     def on_epoch_end(self, result: EpochResult, decision: Decision) -> None:
+        if self.keys is None:
+            pull_file(self.path)  # on a bucket: the file a run before this one wrote there
         logs = {**result.metrics, **result.scalars}
         header = self.keys is None and not self._has_header()
         if self.keys is None:
@@ -71,6 +80,7 @@ class CSVLogger(CoordinatorCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", newline="") as handle:
             handle.write(buffer.getvalue())
+        push_file(self.path)  # on a bucket, the whole file again: it is one row an epoch
         self.epochs = result.epoch
 
     def _has_header(self) -> bool:
@@ -91,7 +101,7 @@ class CSVLogger(CoordinatorCallback):
         """Back to `state`'s epoch: rows of later epochs are dropped."""
         self.epochs = int(state["epochs"])
         self.keys = None
-        if not self.path.is_file():
+        if not pull_file(self.path).is_file():
             return
         with open(self.path, newline="") as handle:
             rows = list(csv.reader(handle, dialect=self._dialect()))
@@ -99,6 +109,7 @@ class CSVLogger(CoordinatorCallback):
         buffer = io.StringIO()
         csv.writer(buffer, dialect=self._dialect()).writerows(kept if self.epochs else [])
         self.path.write_text(buffer.getvalue())
+        push_file(self.path)
 
 
 def _epoch(text: str) -> int:

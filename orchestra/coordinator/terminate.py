@@ -1,4 +1,9 @@
-"""Keras's `TerminateOnNaN`, decided on the driver from whole epochs."""
+"""Keras's `TerminateOnNaN`, decided on the driver from whole epochs.
+
+A worker that stopped on its own would leave the others waiting in a
+collective; decided on the driver, the stop reaches every worker in the
+same epoch, as every other decision does.
+"""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from orchestra.coordinator import (
     TensorBoard,
     TerminateOnNaN,
 )
+from orchestra.driver.plugins import plugin_callback
 from orchestra.spec import (
     BackupAndRestoreSpec,
     CallbackSpec,
@@ -144,9 +145,6 @@ def make_callbacks(spec: JobSpec, checkpoint_dir: Callable[[int], Path], tensorb
 
 
 def _plugin(entry: CallbackSpec, field: str) -> CoordinatorCallback:
-    # Imports the user's package: only here, on the driver.
-    from orchestra.driver.plugins import plugin_callback
-
     return plugin_callback(entry.class_name, dict(entry.config), field)
 
 

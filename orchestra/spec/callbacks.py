@@ -39,6 +39,7 @@ from pydantic import (
 
 from orchestra.spec._base import _PATH_END, Mode, StrictModel
 from orchestra.spec.plugins import registered_callbacks
+from orchestra.spec.problems import problems_of
 
 Verbose = Literal[0, 1, 2]
 _VERBOSE = "Accepted as Keras takes it; the driver's log and the job record say what the callback did."
@@ -481,8 +482,6 @@ def check_job_file(value: str, where: str) -> str:
 def _validated(model: type[StrictModel], value: Any, prefix: str) -> StrictModel:
     """`value` as `model`, or ValueError with one line a field, each under
     its path below `prefix` (the path marker carries it to the spec path)."""
-    from orchestra.spec.problems import problems_of
-
     if value is None:
         value = {}
     try:

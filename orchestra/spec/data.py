@@ -208,6 +208,6 @@ class DataSpec(StrictModel):
 
 
 class DataLoaderSpec(StrictModel):
-    processes: int = Field(default=2, ge=1, le=64, description="Parallel input-pipeline workers.")
+    processes: int = Field(default=2, ge=1, le=64, description="Loader processes per worker for image folders (decoding and augmentation); parallel tf.data calls for arrays.")
     prefetch: int = Field(default=2, ge=0, le=64, description="Batches prepared ahead of the model.")
 

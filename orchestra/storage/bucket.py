@@ -625,12 +625,13 @@ def push_tree(path: Path) -> None:
 # Jobs.
 
 def job_names(root: Path) -> list[str]:
-    """The folders under a mirrored storage root that hold a record in the bucket."""
+    """The folders under a mirrored storage root that hold a record in the
+    bucket (keys are input: `.`, `..` and hidden names are no job's)."""
     place = locate(root)
     if place is None:
         return []
     return sorted({name.split("/", 1)[0] for name in bucket().listing(place)
-                   if name.count("/") == 1 and name.endswith("/job.json")})
+                   if name.count("/") == 1 and name.endswith("/job.json") and not name.startswith(".")})
 
 
 def ray_storage(job_dir: Path) -> dict:

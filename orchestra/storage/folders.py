@@ -393,7 +393,8 @@ class Storage:
     def records(self) -> list[JobRecord]:
         """Every job in the storage, newest first."""
         for job_id in bucket.job_names(self.root):
-            bucket.pull_file(self.root / job_id / RECORD_FILE)
+            if _JOB_ID.fullmatch(job_id):  # a key the bucket lists is input: `..` is no job
+                bucket.pull_file(self.root / job_id / RECORD_FILE)
         if not self.root.is_dir():
             return []
         found = []

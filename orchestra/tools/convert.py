@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from orchestra.build import data as data_lib
 from orchestra.build.shards import (
@@ -35,7 +36,7 @@ from orchestra.build.shards import (
     Manifest,
 )
 from orchestra.errors import FieldError
-from orchestra.spec import MAX_CLASSES, ImageFolderSpec
+from orchestra.spec import MAX_CLASSES, ImageFolderSpec, problems_of
 
 CHUNK = 8192  # examples read from the source at a time
 
@@ -119,14 +120,18 @@ def _image_folder(folder: Path, target_size: tuple[int, int], color_mode: str) -
     """An image folder's readable images, decoded and resized as a job's `data.images` would."""
     from orchestra.build.images import decode, index_folder
 
-    images = ImageFolderSpec(train_dir=str(folder), target_size=list(target_size), color_mode=color_mode)
+    try:
+        images = ImageFolderSpec(train_dir=str(folder), target_size=list(target_size), color_mode=color_mode)
+    except ValidationError as exc:
+        field, message = problems_of(exc, ImageFolderSpec)[0]
+        raise FieldError(f"--{field.split('.')[0].replace('_', '-')}", message) from None
     index = index_folder(str(folder), "SRC")
     labels = np.asarray(index.labels, np.int64)
-    pool = ThreadPoolExecutor(max_workers=4)
 
     def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        decoded = pool.map(lambda path: decode(path, images).astype(np.uint8), index.files[start:stop])
-        return np.stack(list(decoded)), labels[start:stop]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            decoded = list(pool.map(lambda path: decode(path, images).astype(np.uint8), index.files[start:stop]))
+        return np.stack(decoded), labels[start:stop]
 
     return Source({"train": SourceSplit(len(index.files), read)}, images.image_shape, np.dtype(np.uint8),
                   list(index.class_names), str(folder))
@@ -144,8 +149,8 @@ def write_shards(source: Source, dest: str | os.PathLike, shard_format: str, sha
         raise FieldError("DEST", f"{dest} exists and is not an empty folder: give a new folder")
     staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         splits = {name: _write_split(staging, name, split, source, shard_format, shards)
                   for name, split in source.splits.items()}
         manifest = Manifest.model_validate({
@@ -158,6 +163,9 @@ def write_shards(source: Source, dest: str | os.PathLike, shard_format: str, sha
         if dest.exists():
             dest.rmdir()
         os.rename(staging, dest)
+    except OSError as exc:  # a full disk, a folder not writable: the message names the file
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FieldError("DEST", f"cannot write {exc.filename or dest}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
