@@ -165,7 +165,8 @@ def read_manifest(folder: Path, field: str = FIELD) -> Manifest:
     try:
         text = read_stored_text(path, MAX_MANIFEST_BYTES, "the shards' manifest")
     except FileNotFoundError:
-        raise FieldError(field, f"{folder} has no {MANIFEST}: make the shards with `orchestra data convert SRC "
+        what = f"{folder} has no {MANIFEST}" if folder.is_dir() else f"{folder} does not exist"
+        raise FieldError(field, f"{what}: make the shards with `orchestra data convert SRC "
                                 f"{folder} --format npy|tfrecord --shards N`") from None
     except StorageError as exc:
         raise FieldError(field, str(exc)) from None

@@ -122,7 +122,7 @@ class ModelCheckpointSpec(StrictModel):
 
 class TensorBoardSpec(StrictModel):
     """Keras's `TensorBoard`, written by the driver into the job's own
-    `tensorboard/` folder (`orchestra board` serves it)."""
+    `tensorboard/` folder (`orchestra tensorboard` serves it)."""
 
     update_freq: Literal["epoch", "batch"] | Annotated[int, Field(ge=1)] = Field(
         default="epoch",
@@ -132,7 +132,7 @@ class TensorBoardSpec(StrictModel):
                                                     "`<storage>/<job id>/tensorboard`.")
 
     _own_folder = field_validator("log_dir", mode="before")(_refused(
-        "the job's TensorBoard folder is its own (<storage>/<job id>/tensorboard, served by `orchestra board`); "
+        "the job's TensorBoard folder is its own (<storage>/<job id>/tensorboard, served by `orchestra tensorboard`); "
         "remove log_dir"))
 
     @property
@@ -335,6 +335,13 @@ class CallbackSpec(StrictModel):
         if isinstance(value, dict) and "type" in value and "class_name" not in value:
             rest = {key: item for key, item in value.items() if key != "type"}
             return {"class_name": value["type"], "config": rest}
+        if isinstance(value, str):
+            raise ValueError(f"a callback is an object, as Keras serializes one: "
+                             f'{{"class_name": "{value[:40]}", "config": {{...}}}}')
+        if isinstance(value, dict) and "class_name" in value and set(value) - {"class_name", "config"}:
+            arguments = ", ".join(sorted(set(value) - {"class_name", "config"}))
+            raise ValueError(f"{arguments}: the class's arguments go under config, "
+                             f'e.g. {{"class_name": "{str(value["class_name"])[:40]}", "config": {{...}}}}')
         if isinstance(value, dict) and "config" not in value:
             return {**value, "config": {}}  # so the class's own defaults fill it
         return value
@@ -444,6 +451,8 @@ def _placeholder_problem(template: str, logged: list[str]) -> str | None:
         if field is None:
             continue
         name = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if name != field:
+            return f"{{{field}}}: a placeholder is a name with an optional format ({{epoch:02d}}, {{val_loss:.2f}})"
         if name != "epoch" and name not in logged:
             return f"{{{field}}} is not a placeholder this job fills; allowed: epoch, {', '.join(logged)}"
     try:

@@ -3,6 +3,7 @@ under the dotted path of the field to change, saying what is allowed."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 from typing import Any
 
@@ -27,9 +28,11 @@ def problems_of(error: ValidationError, root: type[BaseModel]) -> list[tuple[str
             continue
         if item["type"] == "extra_forbidden":
             message = "unknown field"
-            parent = _model_at(root, tuple(parts[:-1]))
+            parent = _model_at(root, tuple(loc[:-1]))
             if parent is not None:
                 message += f"; allowed: {', '.join(parent.model_fields)}"
+                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+                message += f"; did you mean {close[0]!r}?" if close else ""
         problems.setdefault(path, []).append(message.replace("Input should be", "must be"))
         value = item.get("input")
         if item["type"] != "extra_forbidden" and isinstance(value, (int, float, str, bool)) and len(repr(value)) < 60:
@@ -68,6 +71,9 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The spec class found at a field path, to list its allowed fields."""
     model: Any = root
     for part in loc:
+        if isinstance(part, str) and part in _models_under(root) and part not in getattr(model, "model_fields", {}):
+            model = _models_under(root)[part]  # the union member Pydantic tried
+            continue
         if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
             continue
         field = model.model_fields.get(part)

@@ -217,6 +217,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str =
             raise SpecError([(f"--set {printable(path.strip()[:80])}", f"the key '{printable(exc.key)}' appears "
                                                                      "twice in one object; give each field once")],
                             source) from None
+        except _MalformedValue as exc:
+            raise SpecError([(f"--set {printable(path.strip()[:80])}", str(exc))], source) from None
         _set_path(raw, parts, value, source)
     return raw
 
@@ -225,10 +227,20 @@ _INDEX = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes '¹', w
 
 
 def _override_value(text: str) -> Any:
+    """`text` read as JSON, else as a string; an object or list that does
+    not parse is an error, not a string (it was meant as JSON)."""
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        if text.lstrip()[:1] in ("{", "["):
+            raise _MalformedValue(f"looks like JSON but is not: {exc.msg} at character {exc.pos}") from None
+        return text
     except (ValueError, RecursionError):
         return text
+
+
+class _MalformedValue(ValueError):
+    """An override's value that starts as JSON and does not parse."""
 
 
 def _set_path(node: Any, parts: list[str], value: Any, source: str) -> None:
