@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import read_job, run_cli, small_spec, write_spec
-from ray_cluster import LoopbackCluster
+from ray_cluster import LoopbackCluster, wait_for
 
 from orchestra import Client, JobState
 from orchestra.errors import ClusterError
@@ -36,16 +36,6 @@ def client(cluster, monkeypatch) -> Client:
 
 def quick_spec(**overrides) -> dict:
     return small_spec(**{"fit.epochs": 3, "callbacks.EarlyStopping": None, **overrides})
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_cli_submit_follows_the_job_and_the_client_reads_it_back(cluster, client, tmp_path):

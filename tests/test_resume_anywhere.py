@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_job, run_cli, small_spec, write_spec
+from ray_cluster import wait_for
 
 from orchestra import Client, JobState
 from orchestra.cli import main
@@ -252,16 +253,6 @@ def cluster(tmp_path_factory, mnist_dir):
     cluster = LoopbackCluster(tmp_path_factory.mktemp("cluster"), env={"ORCHESTRA_DATASETS": str(mnist_dir)}).start()
     yield cluster
     cluster.stop()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.mark.integration
