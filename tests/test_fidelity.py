@@ -77,7 +77,7 @@ def test_reference_run_is_plain_keras(both_modes, mnist_dir):
     k, tf = keras(), tensorflow()
     with np.load(mnist_dir / "mnist.npz") as npz:
         x, y = npz["x_train"], npz["y_train"]
-    order = np.random.default_rng(5).permutation(len(x))
+    order = np.random.RandomState(5).permutation(len(x))  # scikit-learn's train_test_split(random_state=5)
     val, train = order[:200], order[200:800]
 
     def features(a):
