@@ -17,6 +17,7 @@ escapes is a bug, and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -95,3 +96,14 @@ def printable(text: str) -> str:
     """Text as one printable line: control characters (a newline in a key,
     say) are shown escaped, not obeyed by the terminal."""
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def close_match(name: str, allowed: list[str]) -> str | None:
+    """The one name of `allowed` closest to a misspelt `name`, for "did you
+    mean" hints (difflib's ratio of at least 0.6), or None.
+
+        >>> close_match("patiense", ["monitor", "patience"])
+        'patience'
+    """
+    found = difflib.get_close_matches(str(name), allowed, n=1)
+    return found[0] if found else None

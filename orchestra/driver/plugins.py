@@ -17,14 +17,13 @@ Example (`examples/orchestra_seed_callbacks` registers these two):
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
 from orchestra.coordinator import CoordinatorCallback
 from orchestra.coordinator.plugin import PluginCallback
-from orchestra.errors import FieldError
+from orchestra.errors import FieldError, close_match
 from orchestra.spec import JobSpec
 from orchestra.spec.plugins import PLUGIN_GROUP, registered_callbacks
 
@@ -36,10 +35,10 @@ def plugin_class(name: str, field: str) -> type[CoordinatorCallback]:
     points = [point for point in entry_points(group=PLUGIN_GROUP) if point.name == name]
     if not points:
         registered = sorted(registered_callbacks())
-        close = difflib.get_close_matches(name, registered, n=1)
+        close = close_match(name, registered)
         raise FieldError(field, f"no installed package registers a callback {name!r} in the entry-point group "
                                 f"{PLUGIN_GROUP!r}; registered: {', '.join(registered) or 'none'}"
-                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+                                + (f" (did you mean {close!r}?)" if close else ""))
     if len({point.value for point in points}) > 1:
         raise FieldError(field, f"{name!r} is registered by more than one package "
                                 f"({', '.join(sorted(point.value for point in points))}); uninstall one")
@@ -65,10 +64,10 @@ def plugin_callback(name: str, config: dict[str, Any], field: str) -> Coordinato
                 if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for argument in config:
         if argument not in accepted and not takes_any:
-            close = difflib.get_close_matches(argument, accepted, n=1)
+            close = close_match(argument, accepted)
             raise FieldError(f"{field}.config.{argument}",
                              f"{name!r} takes no argument {argument!r}; it takes: {', '.join(accepted) or 'none'}"
-                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+                             + (f" (did you mean {close!r}?)" if close else ""))
     missing = [p.name for p in parameters.values() if p.name != "self" and p.default is inspect.Parameter.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in config]
     if missing:

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -37,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestra.errors import close_match
 from orchestra.spec._base import _PATH_END, Mode, StrictModel
 from orchestra.spec.plugins import registered_callbacks
 from orchestra.spec.problems import problems_of
@@ -504,8 +504,8 @@ def _validated(model: type[StrictModel], value: Any, prefix: str) -> StrictModel
 
 
 def _unknown(name: Any, allowed: list[str], kind: str, plugins: str = "") -> str:
-    close = difflib.get_close_matches(str(name), allowed, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    close = close_match(str(name), allowed)
+    hint = f"; did you mean '{close}'?" if close else ""
     built_in = [item for item in allowed if item in BUILT_IN or kind != "callback"]
     return f"{str(name)[:80]!r} is not a {kind} orchestra knows; allowed: {', '.join(built_in)}{plugins}{hint}"
 

@@ -3,12 +3,12 @@ are prepared, and how they are fed to each worker."""
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from orchestra.errors import close_match
 from orchestra.spec._base import (
     _PATH_END,
     PATH_MAX,
@@ -147,8 +147,8 @@ class DataSpec(StrictModel):
     def _validation_kind(cls, value: str | None) -> str | None:
         if value is None or value in VALIDATION_CHOICES or value.endswith(".npz"):
             return value
-        close = difflib.get_close_matches(value, VALIDATION_CHOICES, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = close_match(value, list(VALIDATION_CHOICES))
+        hint = f"; did you mean '{close}'?" if close else ""
         raise ValueError(f"'{value}' is not 'split', 'test' or the path of an .npz file{hint}")
 
     @model_validator(mode="after")

@@ -3,12 +3,12 @@ under the dotted path of the field to change, saying what is allowed."""
 
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from orchestra.errors import close_match
 from orchestra.spec._base import _PATH_END
 
 
@@ -31,8 +31,8 @@ def problems_of(error: ValidationError, root: type[BaseModel]) -> list[tuple[str
             parent = _model_at(root, tuple(loc[:-1]))
             if parent is not None:
                 message += f"; allowed: {', '.join(parent.model_fields)}"
-                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
-                message += f"; did you mean {close[0]!r}?" if close else ""
+                close = close_match(str(loc[-1]), list(parent.model_fields))
+                message += f"; did you mean {close!r}?" if close else ""
         problems.setdefault(path, []).append(message.replace("Input should be", "must be"))
         value = item.get("input")
         if item["type"] != "extra_forbidden" and isinstance(value, (int, float, str, bool)) and len(repr(value)) < 60:

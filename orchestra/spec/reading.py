@@ -14,7 +14,6 @@ document before it is checked, so an override is checked like the file."""
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import json
 import math
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from orchestra.errors import SpecError, printable
+from orchestra.errors import SpecError, close_match, printable
 from orchestra.spec._base import _text_problem
 from orchestra.spec.job import JobSpec
 from orchestra.spec.problems import problems_of
@@ -265,8 +264,8 @@ def _set_path(node: Any, parts: list[str], value: Any, source: str) -> None:
             if model is not None:
                 fields = {field.alias or name: field for name, field in model.model_fields.items()}
                 if part not in fields:
-                    close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    close = close_match(part, list(fields))
+                    hint = f"; did you mean '{close}'?" if close else ""
                     refuse(f"unknown field; allowed: {', '.join(fields)}{hint}")
                 annotation = fields[part].annotation
             else:
