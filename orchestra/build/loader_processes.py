@@ -1,7 +1,8 @@
 """Image decoding and augmentation in a pool of loader processes.
 
-Pillow and SciPy hold Python's interpreter lock for much of their work, so
-loader threads of one process barely add up; processes do. Each training
+The design names multiprocessing loaders: the loaders' Python work never
+shares the training worker's interpreter, and a loader that crashes fails
+the job naming it instead of taking the worker down. Each training
 worker owns a `LoaderPool`: `processes` children that decode and augment
 the examples of a batch and write them straight into memory the worker
 shares with them (a `memfd`, or an unlinked temporary file elsewhere; no

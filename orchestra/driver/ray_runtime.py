@@ -4,6 +4,8 @@ of, or a new embedded local Ray, never a stray one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from orchestra.driver.resources import Node, missing, this_machine
 from orchestra.errors import ClusterError
@@ -34,17 +36,48 @@ def ensure_ray(show_worker_output: bool = False) -> None:
         ray.init(address=address, log_to_driver=show_worker_output, configure_logging=False)
     else:
         check_embedded_auth()
-        ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
-                 configure_logging=False)
+        with loopback_only():
+            ray.init(address="local", include_dashboard=False, log_to_driver=show_worker_output,
+                     configure_logging=False)
+
+
+# Ray's switch for a one-machine Ray (its default on macOS and Windows): the
+# node's address is 127.0.0.1, so the GCS, the raylet, the agents and every
+# worker's gRPC server listen on loopback only. On Linux Ray otherwise takes
+# the machine's primary address and listens on all interfaces.
+ONE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Start an embedded Ray whose servers listen on 127.0.0.1 only.
+
+    The processes `ray.init` starts inherit the switch; this process gets it
+    back afterwards, so a `ray start` it runs later (a cluster node) is not
+    refused as a second node of a one-machine Ray. Ray reads the switch when
+    it is imported, so its constant is set too.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_constant = os.environ.get(ONE_MACHINE_RAY), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ONE_MACHINE_RAY], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(ONE_MACHINE_RAY, None)
+        else:
+            os.environ[ONE_MACHINE_RAY] = saved_env
 
 
 def check_embedded_auth() -> None:
-    """An embedded Ray's servers listen on every interface (Ray has no
-    setting that binds them to loopback): its token is what keeps other
-    machines out, so turning it off is refused."""
+    """An embedded Ray listens on loopback, but any user of this machine can
+    reach loopback: its token is what keeps them out, so turning it off is
+    refused."""
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
-        raise ClusterError("RAY_AUTH_MODE=disabled is refused for the embedded Ray on this machine: its servers "
-                           "listen on every interface and its token keeps other machines out; unset it")
+        raise ClusterError("RAY_AUTH_MODE=disabled is refused for the embedded Ray on this machine: its token "
+                           "keeps the machine's other users out of its servers; unset it")
 
 
 def total_cpus() -> float:
