@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestraError as exc:
         message = str(exc) if isinstance(exc, SpecError) else f"orchestra: {_field_prefix(exc)}{exc}"
         print(message, file=sys.stderr)
+        if args.verb == "validate" and args.json:
+            print(json.dumps({"spec": args.spec, "valid": False, "problems": _problems(exc)}, indent=2))
         return exc.exit_code
+
+
+def _problems(exc: OrchestraError) -> list[dict[str, str]]:
+    """An error as `validate --json` lists it: each problem's field and message."""
+    if isinstance(exc, SpecError):
+        return [{"field": field, "message": message} for field, message in exc.problems]
+    return [{"field": getattr(exc, "field", None) or "", "message": str(exc)}]
 
 
 def _field_prefix(exc: OrchestraError) -> str:

@@ -182,6 +182,30 @@ def test_cli_rejects_unwritable_storage(tmp_path, mnist_dir):
     assert f"storage: storage root {blocker / 'sub'} is not writable" in result.stderr
 
 
+def test_validate_makes_no_storage_root_and_names_one_it_could_not_make(tmp_path, mnist_dir):
+    spec = write_spec(tmp_path / "s.json", small_spec())
+    result = orchestra_cli("validate", spec, "--storage", tmp_path / "new" / "storage", "--datasets", mnist_dir)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "new").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = orchestra_cli("validate", spec, "--storage", blocker / "storage", "--datasets", mnist_dir)
+    assert result.returncode == 2
+    assert f"storage: storage root {blocker / 'storage'} is not writable: Not a directory" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s.json"]
+
+
+def test_validate_json_lists_the_problems_on_stdout(tmp_path):
+    result = orchestra_cli("validate", write_spec(tmp_path / "s.json", small_spec()), "--set", "fit.epocs=3",
+                           "--json")
+    assert result.returncode == 2
+    document = json.loads(result.stdout)
+    assert document["valid"] is False and document["spec"].endswith("s.json")
+    assert document["problems"][0]["field"] == "--set fit.epocs"
+    assert "did you mean 'epochs'" in document["problems"][0]["message"]
+    assert "did you mean 'epochs'" in result.stderr
+
+
 def test_cli_rejects_malformed_json_and_bad_worker_override(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json")

@@ -267,8 +267,17 @@ class Storage:
             except (OSError, StorageError) as exc:
                 raise StorageError(f"storage {place.uri} is not writable: {exc}") from None
             return
+        # A root that does not exist yet is made by the first job, not by a check:
+        # a folder made and removed in its nearest existing folder stands for it.
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if existing != self.root:
+                if not existing.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
+                return
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
         except OSError as exc:

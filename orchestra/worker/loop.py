@@ -73,39 +73,42 @@ def train(config: WorkerConfig, rank: int, world_size: int, strategy, channel) -
     startup = {"tensorflow": time.time()}  # the strategy exists: TensorFlow is set up
     start = channel.start(rank, os.getpid(), worker_group())
     examples = job_examples(config)
-    startup["data"] = time.time()
-    pipelines = Pipelines(config, examples, rank, world_size, strategy)
-    model = _build(spec, examples, pipelines, strategy)
-    initial_epoch, best_weights = _restore(model, start, strategy)
-    _first_learning_rate(spec, model, initial_epoch)
-    validation, validation_steps = pipelines.validation()
-    startup["model"] = time.time()
-    bridge = channel_callback(
-        channel, start.attempt, rank, best_weights,
-        samples_per_epoch=pipelines.steps * pipelines.per_worker_batch,
-        log_batches=_logs_batches(spec),
-        histograms=_histograms(spec, config, rank),
-        startup=startup,
-        fence=config.lease,
-    )
     try:
-        model.fit(
-            pipelines.training(initial_epoch),
-            epochs=spec.fit.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=pipelines.steps,
-            validation_data=validation,
-            validation_freq=spec.fit.validation_freq,
-            validation_steps=validation_steps,
-            callbacks=[bridge, *_progress(channel, rank, pipelines)],
-            verbose=spec.fit.verbose,
+        startup["data"] = time.time()
+        pipelines = Pipelines(config, examples, rank, world_size, strategy)
+        model = _build(spec, examples, pipelines, strategy)
+        initial_epoch, best_weights = _restore(model, start, strategy)
+        _first_learning_rate(spec, model, initial_epoch)
+        validation, validation_steps = pipelines.validation()
+        startup["model"] = time.time()
+        bridge = channel_callback(
+            channel, start.attempt, rank, best_weights,
+            samples_per_epoch=pipelines.steps * pipelines.per_worker_batch,
+            log_batches=_logs_batches(spec),
+            histograms=_histograms(spec, config, rank),
+            startup=startup,
+            fence=config.lease,
         )
-    except BaseException:
-        bridge.drain(raise_errors=False)  # the checkpoint being written is published before the job ends
-        raise
-    bridge.drain()  # a no-op after on_train_end; kept so no path skips it
-    if bridge.finishes:
-        _finish(model, config, examples, pipelines, rank, channel)
+        try:
+            model.fit(
+                pipelines.training(initial_epoch),
+                epochs=spec.fit.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=pipelines.steps,
+                validation_data=validation,
+                validation_freq=spec.fit.validation_freq,
+                validation_steps=validation_steps,
+                callbacks=[bridge, *_progress(channel, rank, pipelines)],
+                verbose=spec.fit.verbose,
+            )
+        except BaseException:
+            bridge.drain(raise_errors=False)  # the checkpoint being written is published before the job ends
+            raise
+        bridge.drain()  # a no-op after on_train_end; kept so no path skips it
+        if bridge.finishes:
+            _finish(model, config, examples, pipelines, rank, channel)
+    finally:
+        examples.close()  # the loader processes end here, not only with the worker
 
 
 def _build(spec: JobSpec, examples: JobExamples, pipelines: Pipelines, strategy):

@@ -23,6 +23,11 @@ class JobExamples:
     validation: Any
     test: Any
     input_shape: tuple[int, ...]
+    loaders: Any = None  # the LoaderPool of an image folder's examples
+
+    def close(self) -> None:
+        if self.loaders is not None:
+            self.loaders.close()
 
 
 def job_examples(config: WorkerConfig) -> JobExamples:
@@ -38,14 +43,14 @@ def job_examples(config: WorkerConfig) -> JobExamples:
     from orchestra.build.images import FolderExamples, recipe
     from orchestra.build.loader_processes import LoaderPool
 
-    # One pool of loader processes for this worker, shared by its sets; it ends with the worker.
+    # One pool of loader processes for this worker, shared by its sets.
     pool = LoaderPool(spec.data_loader.processes, recipe(spec.data, spec.seed))
 
     def folder(index):
         return None if index is None else FolderExamples(index, spec.data, seed=spec.seed, pool=pool)
 
     return JobExamples(folder(config.images.train), folder(config.images.validation), None,
-                       spec.data.images.image_shape)
+                       spec.data.images.image_shape, loaders=pool)
 
 
 def job_arrays(config: WorkerConfig) -> data_lib.Arrays:
