@@ -187,24 +187,24 @@ def test_the_worker_that_died_is_named_over_peers_whose_collectives_it_cut():
 
 
 def test_a_token_travels_only_over_https_or_to_this_machine(tmp_path, monkeypatch):
-    from orchestra.client.ray_jobs import _token_headers
+    from orchestra.client.ray_jobs import token_headers
     from orchestra.errors import ClusterError
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
-    assert _token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer secret"}
-    assert _token_headers("http://127.0.0.1:8265") == {"authorization": "Bearer secret"}
+    assert token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer secret"}
+    assert token_headers("http://127.0.0.1:8265") == {"authorization": "Bearer secret"}
     with pytest.raises(ClusterError, match="refusing to send the cluster's token in clear text"):
-        _token_headers("http://cluster.invalid:8265")
+        token_headers("http://cluster.invalid:8265")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("local-cluster-token")
-    assert _token_headers("http://localhost:8265") == {"authorization": "Bearer local-cluster-token"}
-    assert _token_headers("https://cluster.invalid:8265") == {}  # this machine's token is not another's
+    assert token_headers("http://localhost:8265") == {"authorization": "Bearer local-cluster-token"}
+    assert token_headers("https://cluster.invalid:8265") == {}  # this machine's token is not another's
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / ".ray" / "auth_token"))  # named: the user's choice
-    assert _token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer local-cluster-token"}
+    assert token_headers("https://cluster.invalid:8265") == {"authorization": "Bearer local-cluster-token"}
 
 
 def test_cancel_signals_only_the_jobs_own_driver(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from orchestra.client.ray_jobs import _cluster_errors, _token_headers
+from orchestra.client.ray_jobs import cluster_errors, token_headers
 from orchestra.driver.resources import Node
 from orchestra.errors import ClusterError
 
@@ -21,8 +21,8 @@ def nodes_at(address: str) -> list[Node]:
     resource names: `fake_gpu` reads `fakeGpu` there)."""
     from ray.job_submission import JobSubmissionClient
 
-    with _cluster_errors(address):
-        client = JobSubmissionClient(address, headers=_token_headers(address))
+    with cluster_errors(address):
+        client = JobSubmissionClient(address, headers=token_headers(address))
         response = client._do_request("GET", f"/api/v0/nodes?detail=1&limit={MAX_NODES}")
     if response.status_code != 200:
         raise ClusterError(f"the Ray job server at {address} did not list its nodes (HTTP {response.status_code})")

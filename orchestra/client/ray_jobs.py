@@ -88,8 +88,8 @@ class RayJobs:
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        with _cluster_errors(self.address):
-            self._jobs = JobSubmissionClient(self.address, headers=_token_headers(self.address))
+        with cluster_errors(self.address):
+            self._jobs = JobSubmissionClient(self.address, headers=token_headers(self.address))
         self.cache = StatusCache(self.address)
 
     def submit(self, spec: JobSpec, *, storage: str | None = None, workers: int | None = None,
@@ -162,7 +162,7 @@ class RayJobs:
         runtime_env = {"py_modules": [str(Path(__file__).parent.parent)], "env_vars": dict(TENSORFLOW_ENV),
                        **({"working_dir": working_dir} if working_dir else {})}
         metadata = {METADATA_KEY: "1", JOB_KEY: job_id, "name": name, "workers": str(workers)}
-        with _cluster_errors(self.address):
+        with cluster_errors(self.address):
             self._jobs.submit_job(entrypoint=shlex.join(command), submission_id=run_id,
                                   runtime_env=runtime_env, metadata=metadata)
 
@@ -294,7 +294,7 @@ class RayJobs:
         """Wait before trying a passing failure again; raise the last one, or
         any other, as a ClusterError."""
         if attempt == RETRIES or not _transient(error):
-            with _cluster_errors(self.address, job_id):
+            with cluster_errors(self.address, job_id):
                 raise error
         time.sleep(_backoff(attempt))
 
@@ -442,7 +442,7 @@ def _update(last: JobStatus | None, info: Any, state: JobState, reason: str) -> 
     return last.model_copy(update={"state": state, "reason": reason, "ended_at": ended})
 
 
-def _token_headers(address: str) -> dict[str, str]:
+def token_headers(address: str) -> dict[str, str]:
     """The cluster's token, from where Ray's own commands take it:
     RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
     ~/.ray/auth_token (none with RAY_AUTH_MODE=disabled). Sent as a header
@@ -469,7 +469,7 @@ def _token_headers(address: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _cluster_errors(address: str, job_id: str | None = None):
+def cluster_errors(address: str, job_id: str | None = None):
     """Turn the job server's failures into one ClusterError a user can act on."""
     from ray.exceptions import AuthenticationError
 
