@@ -44,9 +44,12 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    from orchestra.driver.ray_runtime import loopback_only
+
     work = read_workload()
     timing_dir = tempfile.mkdtemp(dir=scratch_dir())
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    with loopback_only():  # as orchestra's embedded Ray, so the two compare on the same network path
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     TensorflowTrainer(
         train_func,
         train_loop_config={"work": work.__dict__, "timing_dir": timing_dir},
