@@ -144,6 +144,27 @@ def test_closing_the_pool_ends_its_processes(tree):
         pool.load([(0, "whatever.png")], epoch=0)
 
 
+def test_a_pool_closed_while_a_batch_is_copied_out_closes_and_the_batch_is_whole(tree, monkeypatch):
+    """A worker closes its pool when training ends, while tf.data's threads
+    may still be loading: a batch being copied out of the shared memory
+    then keeps that memory until it is copied, and closing succeeds."""
+    from orchestra.build import loader_processes
+
+    files = sorted(str(p) for p in tree.glob("*/*.png"))[:4]
+    pool = LoaderPool(1, Recipe(16, 16))
+    expected = pool.load(list(enumerate(files)), epoch=-1)
+    view = loader_processes._Block.view
+
+    def close_while_copying(block, shape):
+        pixels = view(block, shape)
+        pool.close()
+        return pixels
+
+    monkeypatch.setattr(loader_processes._Block, "view", close_while_copying)
+    np.testing.assert_array_equal(pool.load(list(enumerate(files)), epoch=-1), expected)
+    assert wait_until_gone(pool.pids) == []
+
+
 def test_loaders_outlive_the_thread_that_made_the_pool(tree):
     """The kernel kills a child when the *thread* that started it ends
     (PR_SET_PDEATHSIG): the pool starts them from its own thread, so a pool

@@ -61,7 +61,7 @@ def test_every_job_passes_preflight(tmp_path, mnist_dir, path):
         (stand_in / f"{spec.data.source}.npz").symlink_to(mnist_dir / "mnist.npz")
     prepared = preflight(spec, storage=str(tmp_path / "storage"), datasets=str(stand_in))
     assert prepared.input_shape in {(784,), (28, 28), (3072,)}
-    assert not any((tmp_path / "storage").iterdir())
+    assert not (tmp_path / "storage").exists()  # a check makes no storage root
 
 
 def test_mnist_overfit_is_seed_002():
@@ -193,6 +193,29 @@ def test_validate_makes_no_storage_root_and_names_one_it_could_not_make(tmp_path
     assert result.returncode == 2
     assert f"storage: storage root {blocker / 'storage'} is not writable: Not a directory" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s.json"]
+
+
+@pytest.mark.parametrize("link_to", ["nowhere", "itself", "file"])
+def test_a_storage_root_under_a_link_no_folder_is_at_is_not_writable(tmp_path, link_to):
+    """A dangling link, a loop of links or a link to a file in the root's
+    path: the first job could not make the root, so the check says so (and
+    leaves nothing behind), as it does for the root itself being such a link."""
+    from orchestra.errors import StorageError
+    from orchestra.storage.folders import Storage
+
+    (tmp_path / "file").write_text("not a folder")
+    link = tmp_path / "link"
+    link.symlink_to({"nowhere": tmp_path / "nowhere", "itself": link, "file": tmp_path / "file"}[link_to])
+    for root in (link / "storage", link / "a" / "storage", link):
+        with pytest.raises(StorageError, match=f"storage root {root} is not writable: "):
+            Storage(root).check_writable()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+    target = tmp_path / "folder"
+    target.mkdir()
+    link.unlink()
+    link.symlink_to(target)
+    Storage(link / "a" / "storage").check_writable()  # a link to a folder is a folder
+    assert list(target.iterdir()) == []
 
 
 def test_validate_json_lists_the_problems_on_stdout(tmp_path):

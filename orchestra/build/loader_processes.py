@@ -363,7 +363,10 @@ class _Supervisor:
             return np.array(block.view(shape))  # the pixels leave the shared block before it is reused
         finally:
             with self.lock:
-                self.free_blocks.append(block)
+                if self.stopped:
+                    block.close()  # the pool closed while this batch was copied out: `stop` left it open
+                else:
+                    self.free_blocks.append(block)
 
     def block(self, nbytes: int) -> _Block:
         """A free block of at least `nbytes` (the caller holds the lock)."""
@@ -515,8 +518,10 @@ class _Supervisor:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
-        for block in self.blocks:
-            block.close()
+        with self.lock:  # a block out with a `load` is closed by that `load`, once its batch is copied
+            for block in self.free_blocks:
+                block.close()
+            self.free_blocks.clear()
         os.close(self.wake_read)
         os.close(self.wake_write)
 

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -269,12 +270,13 @@ class Storage:
             return
         # A root that does not exist yet is made by the first job, not by a check:
         # a folder made and removed in its nearest existing folder stands for it.
+        # A link there counts, dangling or not: the job cannot make a folder in its place.
         existing = self.root
-        while not existing.exists() and existing != existing.parent:
+        while not os.path.lexists(existing) and existing != existing.parent:
             existing = existing.parent
         try:
             if existing != self.root:
-                if not existing.is_dir():
+                if not stat.S_ISDIR(os.stat(existing).st_mode):
                     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
                 os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
                 return
