@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--target-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
                          help="image folders: height and width images are resized to (default 256 256)")
     convert.add_argument("--color-mode", choices=("rgb", "grayscale"), default="rgb", help="image folders")
+    convert.add_argument("--validation-split", type=float, metavar="F",
+                         help="hold out this fraction of train as a 'validation' split (data.validation: split)")
+    convert.add_argument("--seed", type=int, help="seed of --validation-split's draw (default: a job's data.seed "
+                         "default)")
     _datasets_option(convert)
 
     _verb(verbs, "schema", cmd_schema, "print the job spec's JSON Schema (always JSON)")
@@ -525,7 +529,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from orchestra.tools.convert import convert, summary
 
     manifest = convert(args.src, args.dest, args.format, args.shards, args.datasets, tuple(args.target_size),
-                       args.color_mode)
+                       args.color_mode, args.validation_split, args.seed)
     print(summary(manifest, args.dest))
     return EXIT_OK
 

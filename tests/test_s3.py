@@ -284,12 +284,27 @@ def submit_on_bucket(s3: S3Server, tmp_path: Path, mnist_dir: Path, spec: dict, 
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **s3.env})
 
 
+def on_bucket_shards(spec: dict, uri: str) -> dict:
+    """`spec` reading its examples from npy shards at `uri` instead of `data.source`."""
+    data = {name: value for name, value in spec["data"].items() if name != "source"}
+    return {**spec, "data": {"shards": {"path": uri, "format": "npy"}, **data}}
+
+
 @pytest.fixture(scope="module")
 def bucket_job(s3, tmp_path_factory, mnist_dir) -> dict:
-    """A 2-worker job with its storage on the bucket, run to its end."""
+    """A 2-worker job with its storage on the bucket, run to its end, on
+    MNIST as npy shards in the bucket (`data.shards.path: s3://...`,
+    written by `orchestra data convert`). The jobs compared with it below
+    read the same arrays from `data.source`: npy shards give the in-memory
+    path's global batches (test_shards.py), so the numbers must agree."""
+    from orchestra.tools.convert import convert
+
     root = tmp_path_factory.mktemp("bucket-job")
     prefix = f"jobs-{time.time_ns()}"
-    process = submit_on_bucket(s3, root, mnist_dir, small_spec(name="bucket", **RECOVERABLE), prefix)
+    shards = s3.uri(f"datasets-{time.time_ns()}/mnist-npy")
+    convert("mnist", shards, "npy", 4, datasets=str(mnist_dir))
+    spec = on_bucket_shards(small_spec(name="bucket", **RECOVERABLE), shards)
+    process = submit_on_bucket(s3, root, mnist_dir, spec, prefix)
     assert process.wait(timeout=600) == 0, (root / "driver.log").read_text()
     record = read_bucket_job(s3, prefix)
     return {"record": record, "prefix": prefix, "uri": s3.uri(prefix), "log": (root / "driver.log").read_text()}
@@ -358,7 +373,9 @@ def test_the_latest_checkpoint_loads_here_from_the_bucket_alone(s3, bucket_job, 
     record = bucket_job["record"]
     fresh_mirror()
     model = load_model(record["job_id"], storage=bucket_job["uri"], checkpoint="latest")
-    arrays = data_lib.prepare(JobSpec.model_validate(record["spec"]).data, mnist_dir / "mnist.npz", mnist_dir)
+    assert record["spec"]["data"]["shards"]["path"].startswith("s3://")  # the same arrays, as data.source:
+    arrays = data_lib.prepare(JobSpec.model_validate(small_spec(**RECOVERABLE)).data, mnist_dir / "mnist.npz",
+                              mnist_dir)
     value = model.evaluate(arrays.x_val, arrays.y_val, verbose=0, return_dict=True)["loss"]
     assert value == pytest.approx(record["history"][-1]["val_loss"], rel=1e-5)
 

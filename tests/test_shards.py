@@ -226,6 +226,55 @@ def test_the_spec_takes_exactly_one_source_and_no_index_options_on_a_stream():
     assert data_spec(shards={"path": "x", "format": "npy"}, validation_split=0.2).has_validation
 
 
+# A validation split written by the converter, or the test split, as the validation set.
+
+def test_the_converters_validation_split_is_the_one_a_job_would_draw(tmp_path, toy_npz, capsys):
+    fields = dict(rescale="1/255", flatten=True, seed=9)
+    arrays = data_lib.prepare(data_spec(source=str(toy_npz), validation_split=0.2, **fields), toy_npz, tmp_path)
+    for fmt in ("npy", "tfrecord"):
+        dest = tmp_path / f"split-{fmt}"
+        manifest = convert(str(toy_npz), dest, fmt, 3, validation_split=0.2, seed=9)
+        assert [manifest.splits[name].count for name in ("train", "validation", "test")] == [162, 41, N_TEST]
+        spec = data_spec(shards={"path": str(dest), "format": fmt}, validation="split", **fields)
+        assert spec.has_validation
+        train, validation, _, _ = shards.open_examples(spec, tmp_path)
+        if fmt == "npy":
+            np.testing.assert_array_equal(npy_batches(train, 2, epochs=1)[3][0],
+                                          npy_batches(data_lib.ArrayExamples(arrays.x_train, arrays.y_train), 1,
+                                                      epochs=1)[3][0])
+            x_val, y_val = validation.load_batch(np.arange(len(validation)))
+        else:
+            x_val, y_val = (np.concatenate(parts) for parts in zip(*[(x.numpy(), y.numpy()) for x, y in
+                                                                    validation.evaluation_pipeline(
+                                                                        per_worker_batch=8, rank=0, world_size=1)]))
+        np.testing.assert_array_equal(x_val, arrays.x_val)  # the same examples, in the same order
+        np.testing.assert_array_equal(y_val, arrays.y_val)
+    assert cli_main(["data", "convert", str(toy_npz), str(tmp_path / "bad"), "--format", "npy", "--shards", "2",
+                     "--validation-split", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("orchestra: --validation-split: 1.5: give a fraction") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tfrecord"])
+def test_validation_test_is_the_manifests_test_split(tmp_path, toy_npz, fmt):
+    dest = converted(tmp_path, toy_npz, fmt, n=3)
+    spec = data_spec(shards={"path": str(dest), "format": fmt}, validation="test", flatten=True)
+    assert spec.has_validation
+    _, validation, test, _ = shards.open_examples(spec, tmp_path)
+    assert len(validation) == len(test) == N_TEST
+    if fmt == "npy":
+        everything = np.arange(N_TEST)
+        np.testing.assert_array_equal(validation.load_batch(everything)[0], test.load_batch(everything)[0])
+    else:
+        assert validation.files == test.files
+    with pytest.raises(FieldError, match="has no validation split: convert with --validation-split") as info:
+        shards.open_examples(data_spec(shards={"path": str(dest), "format": fmt}, validation="split"), tmp_path)
+    assert info.value.field == "data.validation"
+    with pytest.raises(ValueError, match="'test' and an .npz go with data.source"):
+        data_spec(shards={"path": str(dest), "format": fmt}, validation="other.npz")
+
+
 # npy: the same global batches as the in-memory path.
 
 def npy_batches(examples, world_size: int, epochs: int = 2, global_batch: int = 12) -> list[list[int]]:
@@ -432,7 +481,7 @@ def test_a_relative_shards_path_is_looked_up_in_the_datasets_folder(tmp_path, to
 @pytest.mark.parametrize("fmt", ["npy", "tfrecord"])
 def test_a_two_worker_job_trains_on_shards(tmp_path, toy_npz, fmt):
     dest = converted(tmp_path, toy_npz, fmt, n=4)
-    spec = job(dest, fmt, **({"validation_split": 0.2} if fmt == "npy" else {}))
+    spec = job(dest, fmt, **({"validation_split": 0.2} if fmt == "npy" else {"validation": "test"}))
     path = write_spec(tmp_path / "job.json", spec)
     result = run_cli("submit", path, "--storage", tmp_path / "storage", "--datasets", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -441,7 +490,7 @@ def test_a_two_worker_job_trains_on_shards(tmp_path, toy_npz, fmt):
     assert record["state"] == "SUCCEEDED" and record["workers"] == 2
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert all(h["worker_peak_rss_mb"] > 0 for h in record["history"])
-    assert ("val_loss" in record["history"][-1]) == (fmt == "npy")
+    assert all("val_loss" in h and "val_accuracy" in h for h in record["history"])  # tfrecord: on the test split
     assert record["test_metrics"]["accuracy"] >= 0
 
 

@@ -20,6 +20,13 @@ that maps a set holds its `.lock` shared for the rest of its life; a set
 whose `.lock` nobody holds any more (its job ended, or was killed: the
 kernel drops a dead process's locks) is deleted by the next process that
 opens a set on this node, which takes that `.lock` exclusively to do it.
+
+`ShardCache` keeps the same kind of per-node copy of shard files read from
+a bucket (`data.shards.path: s3://...`), one folder a manifest, with the
+same use locks and sweep:
+
+    <tmp>/orchestra-shards-<uid>/<key>/<sha256>         one shard file, named by its checksum
+    <tmp>/orchestra-shards-<uid>/<key>/<sha256>.lock    held while it is downloaded
 """
 
 from __future__ import annotations
@@ -29,14 +36,18 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from orchestra.build.data import Arrays, prepare, resolve_validation
+from orchestra.errors import StorageError
 from orchestra.spec import DataSpec
+from orchestra.storage.bucket import MIRROR_ENV
 
 NAMES = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 LOCK_SUFFIX = ".lock"
@@ -202,3 +213,94 @@ def _sweep(root: Path, keep: str) -> None:
                 path.unlink()
         finally:
             os.close(lock)
+
+
+# Shard files downloaded from a bucket.
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def default_shard_root() -> Path:
+    """Beside the bucket mirrors: `$ORCHESTRA_S3_CACHE`, else the temporary folder."""
+    return Path(os.environ.get(MIRROR_ENV) or tempfile.gettempdir()) / f"orchestra-shards-{os.getuid()}"
+
+
+class _Hashing:
+    """A binary file that hashes and counts what is written to it."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.digest, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+
+class ShardCache:
+    """This node's copy of the shard files of one manifest, each downloaded
+    once, on first use, by whichever process of the node needs it first.
+
+    A file is written beside its place, fsynced, checked against the size
+    and SHA-256 the manifest gives, and renamed into place: a file in the
+    cache is always whole and verified. Its name is its checksum, so no
+    name from the manifest becomes a path. Opening a cache deletes the
+    caches of other manifests that no process of the node still uses.
+
+    Args:
+        key: names the manifest (a hash of its place and bytes), 32 hex digits.
+        root: the node's folder of caches (default `default_shard_root()`).
+
+    Example:
+
+        >>> cache = ShardCache("0" * 32)   # doctest: +SKIP
+        >>> path, downloaded = cache.fetch(sha256, size, "train-00000.tfrecord",
+        ...                                lambda out: bucket().copy_to(place, out))
+    """
+
+    def __init__(self, key: str, root: Path | None = None):
+        if len(key) != KEY_LENGTH or key.strip("0123456789abcdef"):
+            raise ValueError(f"not a cache key: {key!r}")
+        self.root = _private_folder(root or default_shard_root())
+        _sweep(self.root, keep=key)
+        if key not in _held:
+            _held[key] = _use_lock(self.root, key)
+        self.folder = self.root / key
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+
+    def fetch(self, sha256: str, size: int, name: str, write: Callable[[BinaryIO], None]) -> tuple[Path, bool]:
+        """(the local file holding `name`, whether this call downloaded it):
+        `write(out)` writes its bytes when the node has no copy yet.
+        StorageError naming `name` when what was written is not what the
+        manifest says."""
+        if not SHA256.fullmatch(sha256):
+            raise StorageError(f"the shard {name[:200]} has no valid SHA-256 in the manifest")
+        final = self.folder / sha256
+        lock = os.open(self.folder / f"{sha256}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one download a file on this node; the others wait for it
+            if _size(final) == size:
+                return final, False
+            staging = self.folder / f".{sha256}.{os.getpid()}"
+            try:
+                with open(staging, "wb") as out:
+                    hashing = _Hashing(out)
+                    write(hashing)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if hashing.size != size or hashing.digest.hexdigest() != sha256:
+                    raise StorageError(f"the shard {name[:200]} does not match the manifest ({hashing.size} bytes, "
+                                       f"{size} expected, or another SHA-256): it was changed or damaged")
+                os.rename(staging, final)
+            finally:
+                staging.unlink(missing_ok=True)
+            return final, True
+        finally:
+            os.close(lock)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None

@@ -23,6 +23,14 @@ Two formats:
   class), streamed by `tf.data`. Worker r of N reads files r, r+N, …, only
   those. What holds instead of the global-batch invariant is in
   `StreamedExamples`' docstring and docs/data-sources.md.
+
+The folder is a path every worker sees (`LocalShards`) or a prefix in an
+S3 bucket (`BucketShards`: `data.shards.path: s3://bucket/prefix`). From a
+bucket, the manifest is read as bounded text and checked against the
+objects' sizes, and each shard file is downloaded when a process first
+needs it into a node-local cache (`node_cache.ShardCache`: once a node,
+verified against the manifest's size and SHA-256), then read by the same
+local code: a worker downloads only the files it reads.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import math
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
@@ -40,8 +49,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestra.build import data as data_lib
+from orchestra.build.node_cache import KEY_LENGTH, ShardCache
 from orchestra.errors import FieldError, StorageError
 from orchestra.spec import MAX_CLASSES, DataSpec, JobSpec
+from orchestra.storage.bucket import Place, bucket, is_uri, parse_uri
 from orchestra.storage.paths import read_stored_text
 
 MANIFEST = "manifest.json"
@@ -54,7 +65,7 @@ MAX_EXAMPLE_VALUES = 2**26      # values of one example (a 4096 x 4096 x 4 image
 MAX_NAME = 255
 X_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 Y_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 FIELD = "data.shards.path"
 
 Count = Annotated[int, Field(ge=1, le=MAX_EXAMPLES)]
@@ -150,8 +161,12 @@ class Manifest(_Strict):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def all_files(self) -> list[ShardFile]:
+        """Every file of every shard of every split."""
+        return [file for split in self.splits.values() for shard in split.shards for file in shard.files()]
 
-# Reading the manifest and checking the files it names.
+
+# Where the shards are: a folder, or a prefix in a bucket.
 
 def dataset_folder(spec: DataSpec, directory: Path) -> Path:
     """The folder `data.shards.path` names: relative paths are in the dataset directory."""
@@ -159,19 +174,170 @@ def dataset_folder(spec: DataSpec, directory: Path) -> Path:
     return path if path.is_absolute() else directory / path
 
 
-def read_manifest(folder: Path, field: str = FIELD) -> Manifest:
+def shards_folder(spec: DataSpec, directory: Path) -> LocalShards | BucketShards:
+    """Where `data.shards.path` points: a folder (relative: in the dataset
+    directory) or `s3://bucket/prefix`; FieldError for any other URI."""
+    raw = spec.shards.path
+    if is_uri(raw):
+        try:
+            return BucketShards(parse_uri(raw, "the folder"))
+        except StorageError as exc:
+            raise FieldError(FIELD, str(exc)) from None
+    if "://" in raw:
+        raise FieldError(FIELD, f"'{raw[:200]}' is not a place orchestra reads shards from: give a folder "
+                                "(relative: in the dataset directory) or s3://<bucket>/<prefix>")
+    return LocalShards(dataset_folder(spec, directory))
+
+
+def _relative_name(name: str, where: str, field: str = FIELD) -> PurePosixPath:
+    """A file name the manifest gives, refused unless it is a relative path inside its folder."""
+    pure = PurePosixPath(name)
+    if "\0" in name or "\\" in name or pure.is_absolute() or not pure.parts or ".." in pure.parts:
+        raise FieldError(field, f"the manifest names the file {name[:200]!r}: shard files must be relative "
+                                f"paths inside {where}")
+    return pure
+
+
+class LocalShards:
+    """A dataset folder on a path every worker sees (a shared file system,
+    or the same folder on each node).
+
+    Args:
+        folder: the folder holding `manifest.json` and the shard files.
+    """
+
+    lazy = False  # the files are opened and their headers checked up front: it costs nothing
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.where = str(folder)
+
+    def manifest_text(self, field: str = FIELD) -> str:
+        path = self.folder / MANIFEST
+        try:
+            return read_stored_text(path, MAX_MANIFEST_BYTES, "the shards' manifest")
+        except FileNotFoundError:
+            what = f"{self.folder} has no {MANIFEST}" if self.folder.is_dir() else f"{self.folder} does not exist"
+            raise FieldError(field, f"{what}: make the shards with `orchestra data convert SRC "
+                                    f"{self.folder} --format npy|tfrecord --shards N`") from None
+        except StorageError as exc:
+            raise FieldError(field, str(exc)) from None
+        except OSError as exc:
+            raise FieldError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def check(self, manifest: Manifest, checksums: bool = False, field: str = FIELD) -> None:
+        for file in manifest.all_files():
+            fd = open_regular(shard_path(self.folder, file.path, field), file.bytes, field)
+            try:
+                if checksums and _sha256(fd) != file.sha256:
+                    raise FieldError(field, f"the shard file {file.path} does not match its SHA-256 in the "
+                                            "manifest: it was changed or damaged")
+            finally:
+                os.close(fd)
+
+    def local(self, file: ShardFile) -> Path:
+        return shard_path(self.folder, file.path)
+
+
+class BucketShards:
+    """A dataset folder in an S3 bucket (`s3://bucket/prefix`), reached with
+    the credentials and endpoint `storage: s3://...` uses (storage.bucket).
+
+    The manifest is read from the bucket as bounded text; its files'
+    sizes are checked against the objects' (one listing). A shard file is
+    downloaded when it is first needed (`local`) into this node's
+    `ShardCache` for the manifest, once for all the node's processes, and
+    verified against the manifest's size and SHA-256 before anything reads
+    it.
+
+    Args:
+        place: the prefix holding `manifest.json` and the shard files.
+
+    Example:
+
+        >>> source = BucketShards(parse_uri("s3://team-bucket/mnist-npy"))   # doctest: +SKIP
+        >>> manifest = read_manifest(source)
+        >>> source.local(manifest.splits["train"].shards[0].y)
+        PosixPath('/tmp/orchestra-shards-1000/5f0c…/9a41…')
+    """
+
+    lazy = True  # a file is downloaded when a batch first needs it
+
+    def __init__(self, place: Place, cache_root: Path | None = None):
+        self.place, self.where, self.cache_root = place, place.uri, cache_root
+        self._key: str | None = None
+        self._cache: ShardCache | None = None
+        self._lock = threading.Lock()
+
+    def manifest_text(self, field: str = FIELD) -> str:
+        try:
+            raw = bucket().get(self.place.child(MANIFEST), MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise FieldError(field, f"{self.where} has no {MANIFEST}: make the shards with `orchestra data convert "
+                                    f"SRC {self.where} --format npy|tfrecord --shards N`") from None
+        except StorageError as exc:
+            raise FieldError(field, str(exc)) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FieldError(field, f"{self.where}/{MANIFEST} is not UTF-8 text") from None
+        self._key = hashlib.sha256(self.where.encode() + b"\n" + raw).hexdigest()[:KEY_LENGTH]
+        return text
+
+    def _object(self, name: str, field: str = FIELD) -> Place:
+        return self.place.child(*_relative_name(name, self.where, field).parts)
+
+    def check(self, manifest: Manifest, checksums: bool = False, field: str = FIELD) -> None:
+        try:
+            found = bucket().listing(self.place)
+        except StorageError as exc:
+            raise FieldError(field, str(exc)) from None
+        start = len(self.place.key) + 1 if self.place.key else 0
+        for file in manifest.all_files():
+            size = found.get(self._object(file.path, field).key[start:])
+            if size is None:
+                raise FieldError(field, f"the shard file {self.where}/{file.path[:200]} does not exist")
+            if size != file.bytes:
+                raise FieldError(field, f"the shard file {self.where}/{file.path[:200]} is {size} bytes but the "
+                                        f"manifest says {file.bytes}: the shards changed since they were written")
+        if checksums:
+            for file in manifest.all_files():
+                self.local(file)
+
+    def local(self, file: ShardFile) -> Path:
+        return self.fetch(file)[0]
+
+    def fetch(self, file: ShardFile) -> tuple[Path, bool]:
+        """(the file in this node's cache, whether this call downloaded it)."""
+        place = self._object(file.path)
+        if self._key is None:
+            raise RuntimeError("read the manifest before its files")
+        try:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = ShardCache(self._key, self.cache_root)
+            return self._cache.fetch(file.sha256, file.bytes, place.uri,
+                                     lambda out: bucket().copy_to(place, out))
+        except FileNotFoundError:
+            raise FieldError(FIELD, f"the shard file {place.uri} does not exist any more") from None
+        except StorageError as exc:
+            raise FieldError(FIELD, str(exc)) from None
+        except OSError as exc:
+            raise FieldError(FIELD, f"cannot keep {place.uri} in this node's shard cache "
+                                    f"({exc.filename or ''}): {exc.strerror or exc}") from None
+
+
+def _as_source(folder) -> LocalShards | BucketShards:
+    return folder if isinstance(folder, (LocalShards, BucketShards)) else LocalShards(Path(folder))
+
+
+# Reading the manifest and checking the files it names.
+
+def read_manifest(folder: Path | LocalShards | BucketShards, field: str = FIELD) -> Manifest:
     """The folder's manifest, validated; FieldError naming `field` otherwise."""
-    path = folder / MANIFEST
-    try:
-        text = read_stored_text(path, MAX_MANIFEST_BYTES, "the shards' manifest")
-    except FileNotFoundError:
-        what = f"{folder} has no {MANIFEST}" if folder.is_dir() else f"{folder} does not exist"
-        raise FieldError(field, f"{what}: make the shards with `orchestra data convert SRC "
-                                f"{folder} --format npy|tfrecord --shards N`") from None
-    except StorageError as exc:
-        raise FieldError(field, str(exc)) from None
-    except OSError as exc:
-        raise FieldError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+    source = _as_source(folder)
+    text = source.manifest_text(field)
+    path = f"{source.where}/{MANIFEST}"
     try:
         return Manifest.model_validate(json.loads(text))
     except json.JSONDecodeError as exc:
@@ -185,10 +351,7 @@ def read_manifest(folder: Path, field: str = FIELD) -> Manifest:
 def shard_path(folder: Path, name: str, field: str = FIELD) -> Path:
     """A file the manifest names, as a path inside `folder`: a relative
     name that stays inside the folder and passes through no symlink."""
-    pure = PurePosixPath(name)
-    if "\0" in name or "\\" in name or pure.is_absolute() or not pure.parts or ".." in pure.parts:
-        raise FieldError(field, f"the manifest names the file {name[:200]!r}: shard files must be relative "
-                                f"paths inside {folder}")
+    pure = _relative_name(name, str(folder), field)
     current = folder
     for part in pure.parts:
         current = current / part
@@ -218,20 +381,13 @@ def open_regular(path: Path, size: int, field: str = FIELD) -> int:
     return fd
 
 
-def check_files(folder: Path, manifest: Manifest, checksums: bool = False, field: str = FIELD) -> None:
+def check_files(folder: Path | LocalShards | BucketShards, manifest: Manifest, checksums: bool = False,
+                field: str = FIELD) -> None:
     """Every file the manifest names is where and as big as it says; with
-    `checksums`, its SHA-256 too (reads every byte). The `.npy` headers
+    `checksums`, its SHA-256 too (reads every byte; from a bucket: downloads
+    every file into the node's cache, which verifies it). The `.npy` headers
     are checked when the files are opened (`NpyFile`)."""
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            for file in shard.files():
-                fd = open_regular(shard_path(folder, file.path, field), file.bytes, field)
-                try:
-                    if checksums and _sha256(fd) != file.sha256:
-                        raise FieldError(field, f"the shard file {file.path} does not match its SHA-256 in the "
-                                                "manifest: it was changed or damaged")
-                finally:
-                    os.close(fd)
+    _as_source(folder).check(manifest, checksums, field)
 
 
 def _sha256(fd: int) -> str:
@@ -318,14 +474,21 @@ def _npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 class NpySplit:
     """The shards of one split: `read(positions)` gathers examples by their
-    position in the split; labels are in memory."""
+    position in the split; labels are in memory. From a bucket, an `x`
+    file is downloaded (and its header checked) when a read first needs
+    one of its rows; the labels are fetched up front."""
 
-    def __init__(self, folder: Path, manifest: Manifest, split: Split):
+    def __init__(self, folder: Path | LocalShards | BucketShards, manifest: Manifest, split: Split):
         shape, dtype = tuple(manifest.x.shape), manifest.x.dtype
-        self.files = [NpyFile(shard_path(folder, s.x.path), s.x, (s.count, *shape), dtype) for s in split.shards]
-        self.labels = np.concatenate([NpyFile(shard_path(folder, s.y.path), s.y, (s.count,), manifest.y_dtype).all()
-                                      for s in split.shards])
+        self.source, self.shards, self.dtype = _as_source(folder), split.shards, np.dtype(dtype)
         self.example_shape = shape
+        self.files: list[NpyFile | None] = [None] * len(split.shards)
+        self._opening = threading.Lock()
+        if not self.source.lazy:
+            for i in range(len(self.files)):
+                self._file(i)
+        self.labels = np.concatenate([NpyFile(self.source.local(s.y), s.y, (s.count,), manifest.y_dtype).all()
+                                      for s in split.shards])
         self.starts = split.starts()
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= manifest.num_classes):
             raise FieldError(FIELD, f"labels go from {self.labels.min()} to {self.labels.max()} but the manifest "
@@ -334,14 +497,26 @@ class NpySplit:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _file(self, i: int) -> NpyFile:
+        """Shard i's `x` file, opened on first use (thread-safe: tf.data reads batches in parallel)."""
+        file = self.files[i]
+        if file is None:
+            with self._opening:
+                file = self.files[i]
+                if file is None:
+                    shard = self.shards[i]
+                    file = self.files[i] = NpyFile(self.source.local(shard.x), shard.x,
+                                                   (shard.count, *self.example_shape), self.dtype.name)
+        return file
+
     def read(self, positions: np.ndarray) -> np.ndarray:
         """The examples at `positions`, in that order, as stored."""
         positions = np.asarray(positions, np.int64)
         shard = np.searchsorted(self.starts, positions, side="right") - 1
-        out = np.empty((len(positions), *self.example_shape), self.files[0].dtype)
+        out = np.empty((len(positions), *self.example_shape), self.dtype)
         for s in np.unique(shard):
             chosen = shard == s
-            out[chosen] = self.files[s].rows(positions[chosen] - self.starts[s])
+            out[chosen] = self._file(int(s)).rows(positions[chosen] - self.starts[s])
         return out
 
 
@@ -450,33 +625,49 @@ class StreamedExamples:
         >>> files, count = train.share(rank=1, world_size=2)
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, split: Split, spec: DataSpec):
-        self.folder, self.manifest, self.split, self.spec = folder, manifest, split, spec
-        self.files = [str(shard_path(folder, shard.records.path)) for shard in split.shards]
+    def __init__(self, folder: Path | LocalShards | BucketShards, manifest: Manifest, split: Split,
+                 spec: DataSpec):
+        self.source, self.manifest, self.split, self.spec = _as_source(folder), manifest, split, spec
+        if not self.source.lazy:
+            for shard in split.shards:  # the names are checked now; from a bucket, when each is fetched
+                self.source.local(shard.records)
         self.num_classes = _num_classes(spec, manifest, None)
 
     def __len__(self) -> int:
         return self.split.count
 
-    def share(self, rank: int, world_size: int) -> tuple[list[str], int]:
-        """(files, examples) worker `rank` reads."""
-        if len(self.files) < world_size:
-            raise FieldError("data.shards", f"{len(self.files)} TFRecord shard files cannot feed {world_size} "
+    def file(self, i: int) -> str:
+        """Shard file i, on this node (downloaded first from a bucket)."""
+        return str(self.source.local(self.split.shards[i].records))
+
+    @property
+    def files(self) -> list[str]:
+        """Every shard file of the split, on this node."""
+        return [self.file(i) for i in range(len(self.split.shards))]
+
+    def share_count(self, rank: int, world_size: int) -> int:
+        """Examples worker `rank` reads."""
+        if len(self.split.shards) < world_size:
+            raise FieldError("data.shards", f"{len(self.split.shards)} TFRecord shard files cannot feed {world_size} "
                                             f"workers (each reads whole files): convert with --shards {world_size} "
                                             "or more")
-        chosen = range(rank, len(self.files), world_size)
-        return [self.files[i] for i in chosen], sum(self.split.shards[i].count for i in chosen)
+        return sum(shard.count for shard in self.split.shards[rank::world_size])
+
+    def share(self, rank: int, world_size: int) -> tuple[list[str], int]:
+        """(files, examples) worker `rank` reads: only these are fetched from a bucket."""
+        count = self.share_count(rank, world_size)
+        return [self.file(i) for i in range(rank, len(self.split.shards), world_size)], count
 
     def steps_per_epoch(self, global_batch: int, world_size: int) -> int:
         per_worker = global_batch // world_size
-        smallest = min(self.share(r, world_size)[1] for r in range(world_size))
+        smallest = min(self.share_count(r, world_size) for r in range(world_size))
         if smallest < per_worker:
             raise FieldError("fit.batch_size", f"a worker's share of the shards holds {smallest} examples, fewer "
                                                f"than its {per_worker} of each global batch of {global_batch}")
         return smallest // per_worker
 
     def evaluation_steps(self, per_worker_batch: int, world_size: int) -> int:
-        counts = [self.share(r, world_size)[1] for r in range(world_size)]
+        counts = [self.share_count(r, world_size) for r in range(world_size)]
         return max(1, min(min(counts), -(-max(counts) // per_worker_batch)))
 
     def parse(self, records, class_weight: dict[int, float] | None = None):
@@ -554,30 +745,56 @@ class StreamedExamples:
 def open_examples(spec: DataSpec, directory: Path):
     """(train, validation, test, input_shape) of the spec's shards;
     validation and test may be None."""
-    folder = dataset_folder(spec, directory)
+    folder = shards_folder(spec, directory)
     manifest = read_manifest(folder)
     if manifest.shard_format != spec.shards.format:
-        raise FieldError("data.shards.format", f"is '{spec.shards.format}' but {folder} holds "
+        raise FieldError("data.shards.format", f"is '{spec.shards.format}' but {folder.where} holds "
                                                f"'{manifest.shard_format}' shards")
     check_files(folder, manifest)
     shape = input_shape(spec, tuple(manifest.x.shape))
     test_split = manifest.splits.get("test") if spec.test else None
+    val_split = _stored_validation(spec, manifest, folder.where)
     if manifest.shard_format == "tfrecord":
         test = None if test_split is None else StreamedExamples(folder, manifest, test_split, spec)
-        return StreamedExamples(folder, manifest, manifest.splits["train"], spec), None, test, shape
+        validation = None if val_split is None else StreamedExamples(folder, manifest, val_split, spec)
+        return StreamedExamples(folder, manifest, manifest.splits["train"], spec), validation, test, shape
     train = NpySplit(folder, manifest, manifest.splits["train"])
     num_classes = _num_classes(spec, manifest, train.labels)
     train_positions, val_positions = data_lib.split_indices(len(train), spec)
-    test = None
-    if test_split is not None:
-        test_shards = NpySplit(folder, manifest, test_split)
-        test = NpyExamples(test_shards, np.arange(min(len(test_shards), spec.test_size or len(test_shards))),
-                           spec, num_classes)
-        if num_classes is not None and len(test_shards.labels) and test_shards.labels.max() >= num_classes:
-            raise FieldError("data.num_classes", f"test label {test_shards.labels.max()} is not below "
-                                                 f"num_classes {num_classes}")
-    validation = NpyExamples(train, val_positions, spec, num_classes) if len(val_positions) else None
+    test = None if test_split is None else _npy_set(folder, manifest, test_split, spec, num_classes, "test")
+    if val_split is not None:
+        validation = _npy_set(folder, manifest, val_split, spec, num_classes, "validation")
+    else:
+        validation = NpyExamples(train, val_positions, spec, num_classes) if len(val_positions) else None
     return NpyExamples(train, train_positions, spec, num_classes), validation, test, shape
+
+
+def _stored_validation(spec: DataSpec, manifest: Manifest, where: str) -> Split | None:
+    """The manifest's split a job validates on instead of drawing one: its
+    `validation` split for `data.validation: split` without a fraction or
+    size, its `test` split for `data.validation: test`; else None."""
+    if spec.validation == "test":
+        name = "test"
+    elif spec.validation == "split" and spec.validation_split is None and spec.validation_size is None:
+        name = "validation"
+    else:
+        return None
+    if name not in manifest.splits:
+        how = "convert with --validation-split F, or " if name == "validation" else ""
+        raise FieldError("data.validation", f"is '{spec.validation}' but {where} has no {name} split: {how}"
+                                            "give data.validation_split (npy shards)")
+    return manifest.splits[name]
+
+
+def _npy_set(folder, manifest: Manifest, split: Split, spec: DataSpec, num_classes: int | None,
+             name: str) -> NpyExamples:
+    """A whole split of npy shards (the test set: its first `test_size`) as a job evaluates it."""
+    shards = NpySplit(folder, manifest, split)
+    count = min(len(shards), spec.test_size or len(shards)) if split is manifest.splits.get("test") else len(shards)
+    if num_classes is not None and len(shards.labels) and shards.labels.max() >= num_classes:
+        raise FieldError("data.num_classes", f"{name} label {shards.labels.max()} is not below "
+                                             f"num_classes {num_classes}")
+    return NpyExamples(shards, np.arange(count), spec, num_classes)
 
 
 def training_steps(examples, global_batch: int, world_size: int) -> int:
@@ -633,7 +850,7 @@ def inspect_shards(spec: JobSpec, directory: Path) -> ShardsFound:
                 raise FieldError("data", f"the {name} set has {len(examples)} examples, fewer than the {workers} "
                                          "workers")
             if isinstance(examples, StreamedExamples):
-                examples.share(0, workers)
+                examples.share_count(0, workers)
     steps = training_steps(train, batch, workers)
     dropped = len(train) - steps * batch if spec.fit.steps_per_epoch is None else 0
     if isinstance(train, StreamedExamples):
@@ -654,12 +871,14 @@ def _first_records(examples: StreamedExamples) -> tuple[np.ndarray, np.ndarray]:
     """The first examples of the first shard file, parsed as training parses them."""
     import tensorflow as tf
 
+    first = examples.file(0)
     try:
-        records = next(iter(tf.data.TFRecordDataset(examples.files[0]).batch(SAMPLE_EXAMPLES)))
+        records = next(iter(tf.data.TFRecordDataset(first).batch(SAMPLE_EXAMPLES)))
         x, y = examples.parse(records)
     except (tf.errors.OpError, StopIteration) as exc:
         message = getattr(exc, "message", "") or type(exc).__name__
-        raise FieldError(FIELD, f"{examples.files[0]} does not read as the manifest says "
+        name = examples.split.shards[0].records.path
+        raise FieldError(FIELD, f"{examples.source.where}/{name} does not read as the manifest says "
                                 f"({message.splitlines()[0][:200]})") from None
     return x.numpy(), y.numpy()
 

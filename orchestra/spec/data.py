@@ -113,7 +113,8 @@ class DataSpec(StrictModel):
         description="The validation set: 'split' (of the training arrays, by validation_split or "
                     "validation_size; the default), 'test' (the source's test arrays, as "
                     "validation_data=(x_test, y_test)), or the path of an .npz holding x_val, y_val "
-                    "(else x_test, y_test, else x, y).",
+                    "(else x_test, y_test, else x, y). With data.shards: 'split' alone is the manifest's "
+                    "validation split (orchestra data convert --validation-split), 'test' its test split.",
     )
     test: bool = Field(
         default=True, description="Evaluate the final model on the dataset's test arrays."
@@ -168,15 +169,17 @@ class DataSpec(StrictModel):
             )
         if self.flatten and self.reshape is not None:
             raise ValueError("give either flatten or reshape, not both")
-        if self.validation == "split" and self.validation_split is None and self.validation_size is None:
+        if (self.validation == "split" and self.validation_split is None and self.validation_size is None
+                and self.shards is None):  # shards: the manifest's validation split
             raise ValueError(f"{_at('validation')}'split' needs validation_split (a fraction) or "
                              "validation_size (a number of examples)")
         if self.validation not in (None, "split"):
             if self.images is not None:
                 raise ValueError(f"{_at('validation')}an image folder validates on a split or on "
                                  "images.validation_dir, not on 'test' or an .npz")
-            if self.source is None:
-                raise ValueError(f"{_at('validation')}'test' and an .npz go with data.source (arrays)")
+            if self.source is None and not (self.shards is not None and self.validation == "test"):
+                raise ValueError(f"{_at('validation')}'test' and an .npz go with data.source (arrays); "
+                                 "shards take 'test' or 'split'")
             if self.validation_split is not None or self.validation_size is not None:
                 field = "validation_split" if self.validation_split is not None else "validation_size"
                 raise ValueError(f"{_at(field)}splits the training arrays, but validation is "
@@ -193,7 +196,7 @@ class DataSpec(StrictModel):
     def has_validation(self) -> bool:
         folder = self.images is not None and self.images.validation_dir is not None
         return (folder or self.validation_arrays is not None or self.validation_split is not None
-                or self.validation_size is not None)
+                or self.validation_size is not None or self.validation == "split")
 
     @property
     def label_kind(self) -> str:

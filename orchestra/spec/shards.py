@@ -31,7 +31,8 @@ class ShardsSpec(StrictModel):
     Args:
         path: the folder holding `manifest.json` and the shards; a relative
             path is looked up in the dataset directory (`ORCHESTRA_DATASETS`
-            or `--datasets`).
+            or `--datasets`); `s3://bucket/prefix` reads them from a bucket
+            (each node downloads the files its workers read, once).
         format: `npy` (read by index) or `tfrecord` (streamed); must
             match the manifest's.
         shuffle_buffer: tfrecord: records shuffled together, a window of
@@ -45,7 +46,8 @@ class ShardsSpec(StrictModel):
 
     path: str = Field(
         min_length=1, max_length=PATH_MAX,
-        description="Folder with manifest.json and the shard files (relative: in the dataset directory).",
+        description="Folder with manifest.json and the shard files (relative: in the dataset directory), "
+                    "or s3://<bucket>/<prefix>: read from the bucket through a node-local cache.",
     )
     format: Literal["npy", "tfrecord"] = Field(
         description="npy: .npy shards read by index; tfrecord: TFRecord shards streamed.",

@@ -89,16 +89,17 @@ class Place:
         return PurePosixPath(self.key).name
 
 
-def parse_uri(raw: str) -> Place:
-    """`s3://bucket/prefix` as a Place; StorageError naming what is wrong."""
+def parse_uri(raw: str, what: str = "storage") -> Place:
+    """`s3://bucket/prefix` as a Place; StorageError naming `what` (the
+    setting that gave it) and what is wrong."""
     rest = raw[len(SCHEME):]
     bucket, _, prefix = rest.partition("/")
     if not _BUCKET_NAME.fullmatch(bucket):
-        raise StorageError(f"storage '{raw}': '{bucket}' is not an S3 bucket name (3-63 lower-case letters, "
+        raise StorageError(f"{what} '{raw}': '{bucket}' is not an S3 bucket name (3-63 lower-case letters, "
                            "digits, '.', '-'); expected s3://<bucket>/<prefix>")
     parts = [part for part in prefix.split("/") if part]
     if any(part in (".", "..") or "\0" in part or part.startswith(MARK) for part in parts):
-        raise StorageError(f"storage '{raw}': the prefix may not hold '.', '..' or '{MARK}' parts")
+        raise StorageError(f"{what} '{raw}': the prefix may not hold '.', '..' or '{MARK}' parts")
     return Place(bucket, "/".join(parts))
 
 
@@ -250,11 +251,20 @@ class Bucket:
         local.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
         try:
-            with os.fdopen(fd, "wb") as out, self.fs.open_input_stream(place.path) as stream:
-                shutil.copyfileobj(stream, out, 8 << 20)
+            with os.fdopen(fd, "wb") as out:
+                self.copy_to(place, out)
             os.replace(tmp, local)
-        except OSError as exc:
+        except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def copy_to(self, place: Place, out) -> None:
+        """The object's bytes written to the open binary file `out`, streamed
+        (FileNotFoundError if it is gone; StorageError if it cannot be read)."""
+        try:
+            with self.fs.open_input_stream(place.path) as stream:
+                shutil.copyfileobj(stream, out, 8 << 20)
+        except OSError as exc:
             if isinstance(exc, FileNotFoundError) or "does not exist" in str(exc) or "NoSuchKey" in str(exc):
                 raise FileNotFoundError(place.uri) from None
             raise StorageError(f"cannot download {place.uri}: {_first_line(exc)}") from None

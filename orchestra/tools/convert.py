@@ -7,9 +7,13 @@ saying what they hold, so that jobs read it on the fly
 (`data.shards`) and pre-flight checks it without loading it.
 
 The folder is written beside its destination and renamed into place at the
-end: a failed conversion leaves nothing behind.
+end: a failed conversion leaves nothing behind. A destination in a bucket
+(`s3://bucket/prefix`) is written to a temporary folder first, then each
+file is uploaded, the manifest last (a reader finds no manifest until every
+shard is there).
 
     orchestra data convert mnist mnist-npy --format npy --shards 4
+    orchestra data convert mnist s3://team-bucket/datasets/mnist-npy --format npy --shards 8
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,23 +40,32 @@ from orchestra.build.shards import (
     X_DTYPES,
     Manifest,
 )
-from orchestra.errors import FieldError
-from orchestra.spec import MAX_CLASSES, ImageFolderSpec, problems_of
+from orchestra.errors import FieldError, StorageError
+from orchestra.spec import MAX_CLASSES, DataSpec, ImageFolderSpec, problems_of
+from orchestra.storage.bucket import bucket, is_uri, parse_uri
 
 CHUNK = 8192  # examples read from the source at a time
+DEFAULT_SEED = DataSpec.model_fields["seed"].default  # a job's split draws with the same seed by default
 
 
 @dataclass
 class SourceSplit:
-    """One split of a source: `count` examples, read a range at a time.
+    """One split of a source: `count` examples, read a few at a time.
 
     Args:
         count: how many examples.
-        read: (start, stop) -> (x, y): examples as stored, integer labels.
+        take: indices -> (x, y): those examples as stored, integer labels.
     """
 
     count: int
-    read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    take: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.take(np.arange(start, stop))
+
+    def subset(self, indices: np.ndarray) -> SourceSplit:
+        """The examples at `indices`, in that order."""
+        return SourceSplit(len(indices), lambda chosen: self.take(indices[chosen]))
 
 
 @dataclass
@@ -78,7 +92,7 @@ class Source:
         labels = {split: _labels(y) for split, (_, y) in arrays.items()}
         largest = max(int(y.max()) for y in labels.values() if len(y))
         first = next(iter(arrays.values()))[0]
-        splits = {split: SourceSplit(len(x), lambda a, b, x=x, y=labels[split]: (x[a:b], y[a:b]))
+        splits = {split: SourceSplit(len(x), lambda chosen, x=x, y=labels[split]: (x[chosen], y[chosen]))
                   for split, (x, _) in arrays.items()}
         return cls(splits, tuple(first.shape[1:]), first.dtype, [str(c) for c in range(largest + 1)], name)
 
@@ -128,13 +142,32 @@ def _image_folder(folder: Path, target_size: tuple[int, int], color_mode: str) -
     index = index_folder(str(folder), "SRC")
     labels = np.asarray(index.labels, np.int64)
 
-    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def take(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            decoded = list(pool.map(lambda path: decode(path, images).astype(np.uint8), index.files[start:stop]))
-        return np.stack(decoded), labels[start:stop]
+            decoded = list(pool.map(lambda i: decode(index.files[i], images).astype(np.uint8), chosen))
+        return np.stack(decoded), labels[chosen]
 
-    return Source({"train": SourceSplit(len(index.files), read)}, images.image_shape, np.dtype(np.uint8),
+    return Source({"train": SourceSplit(len(index.files), take)}, images.image_shape, np.dtype(np.uint8),
                   list(index.class_names), str(folder))
+
+
+def with_validation(source: Source, fraction: float, seed: int) -> Source:
+    """`source` with a `validation` split held out of its training split as
+    scikit-learn's `train_test_split(test_size=fraction, random_state=seed)`
+    draws it (and as `data.split_indices` does for a job): one
+    `RandomState(seed)` permutation, validation its first
+    `ceil(fraction * n)` examples, training the rest, in that order."""
+    train = source.splits["train"]
+    if not 0 < fraction < 1:
+        raise FieldError("--validation-split", f"{fraction}: give a fraction between 0 and 1")
+    held = math.ceil(fraction * train.count)
+    if held >= train.count:
+        raise FieldError("--validation-split", f"takes {held} of the {train.count} training examples and leaves "
+                                               "none to train on")
+    order = np.random.RandomState(seed).permutation(train.count)
+    splits = {"train": train.subset(order[held:]), "validation": train.subset(order[:held]),
+              **{name: split for name, split in source.splits.items() if name != "train"}}
+    return Source(splits, source.shape, source.dtype, source.classes, source.name)
 
 
 def write_shards(source: Source, dest: str | os.PathLike, shard_format: str, shards: int) -> Manifest:
@@ -232,15 +265,44 @@ def _file_entry(folder: Path, path: Path) -> dict:
 
 
 def convert(src: str, dest: str | os.PathLike, shard_format: str, shards: int, datasets: str | None = None,
-            target_size: tuple[int, int] = (256, 256), color_mode: str = "rgb") -> Manifest:
-    """`orchestra data convert SRC DEST --format F --shards N`.
+            target_size: tuple[int, int] = (256, 256), color_mode: str = "rgb",
+            validation_split: float | None = None, seed: int | None = None) -> Manifest:
+    """`orchestra data convert SRC DEST --format F --shards N [--validation-split F --seed S]`.
 
     Example:
 
         >>> convert("mnist", "/tmp/mnist-npy", "npy", 4).splits["train"].count   # doctest: +SKIP
         60000
     """
-    return write_shards(open_source(src, datasets, target_size, color_mode), dest, shard_format, shards)
+    source = open_source(src, datasets, target_size, color_mode)
+    if validation_split is not None:
+        source = with_validation(source, validation_split, DEFAULT_SEED if seed is None else seed)
+    if is_uri(str(dest)):
+        return upload_shards(source, str(dest), shard_format, shards)
+    return write_shards(source, dest, shard_format, shards)
+
+
+def upload_shards(source: Source, dest: str, shard_format: str, shards: int) -> Manifest:
+    """`write_shards` into a new prefix of a bucket: written to a temporary
+    folder, then each file uploaded, the manifest last. A failed upload
+    deletes what it uploaded."""
+    try:
+        place = parse_uri(dest, "the destination")
+    except StorageError as exc:
+        raise FieldError("DEST", str(exc)) from None
+    if bucket().listing(place):
+        raise FieldError("DEST", f"{dest} already holds objects: give a new prefix")
+    with tempfile.TemporaryDirectory(prefix="orchestra-convert-") as tmp:
+        folder = Path(tmp) / "shards"
+        manifest = write_shards(source, folder, shard_format, shards)
+        try:
+            for file in manifest.all_files():
+                bucket().upload(folder / file.path, place.child(file.path))
+            bucket().upload(folder / MANIFEST, place.child(MANIFEST))
+        except BaseException:
+            bucket().delete_tree(place)
+            raise
+    return manifest
 
 
 def summary(manifest: Manifest, dest: str | os.PathLike) -> str:
