@@ -86,6 +86,17 @@ def test_the_cli_refuses_a_bad_bucket_in_one_line_with_exit_2(tmp_path):
     assert "'Bad_Bucket' is not an S3 bucket name" in line and "s3://<bucket>/<prefix>" in line
 
 
+def test_an_unreachable_endpoint_is_one_line_naming_the_field_with_exit_2(tmp_path, mnist_dir):
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
+    spec = write_spec(tmp_path / "s.json", small_spec())
+    result = run_cli("validate", spec, "--datasets", mnist_dir, "--storage", tmp_path / "storage",
+                     "--set", "data.shards={\"path\": \"s3://team-bucket/mnist-npy\", \"format\": \"npy\"}",
+                     "--set", "data.source=null", env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "data.shards.path: cannot read s3://team-bucket/mnist-npy/manifest.json" in result.stderr
+
+
 def test_a_path_of_another_process_mirror_maps_to_this_process_own(fresh_mirror):
     theirs = bucket.mirror_path(bucket.Place("b-1", "p/job/model"))
     fresh_mirror()

@@ -221,8 +221,10 @@ def test_a_manifest_that_is_a_fifo_or_too_big_is_refused_without_waiting(tmp_pat
 def test_the_spec_takes_exactly_one_source_and_no_index_options_on_a_stream():
     with pytest.raises(ValueError, match="exactly one of source"):
         data_spec(source="mnist", shards={"path": "x", "format": "npy"})
-    with pytest.raises(ValueError, match="reading by index"):
+    with pytest.raises(ValueError, match="validation_split needs reading by index.*--validation-split F"):
         data_spec(shards={"path": "x", "format": "tfrecord"}, validation_split=0.2)
+    with pytest.raises(ValueError, match="test_size needs reading by index"):  # it would be ignored
+        data_spec(shards={"path": "x", "format": "tfrecord"}, test_size=100)
     assert data_spec(shards={"path": "x", "format": "npy"}, validation_split=0.2).has_validation
 
 

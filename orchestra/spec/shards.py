@@ -63,9 +63,11 @@ class ShardsSpec(StrictModel):
     def problems_with(self, data) -> str | None:
         """Why the rest of the `data` section cannot go with these shards, or None."""
         if self.format == "tfrecord":
-            taken = [name for name in ("validation_split", "validation_size", "train_size")
+            taken = [name for name in ("validation_split", "validation_size", "train_size", "test_size")
                      if getattr(data, name) is not None]
             if taken:
-                return (f"{', '.join(taken)} need reading by index, which TFRecord shards (a stream) cannot "
-                        "give: use format 'npy', or leave them out")
+                verb, them = ("needs", "it") if len(taken) == 1 else ("need", "them")
+                return (f"{', '.join(taken)} {verb} reading by index, which TFRecord shards (a stream) cannot "
+                        f"give: use format 'npy', or leave {them} out (for a validation set, convert with "
+                        "--validation-split F and set validation 'split')")
         return None

@@ -213,7 +213,10 @@ class Bucket:
         """The object's bytes; FileNotFoundError if there is none; StorageError past `limit` bytes."""
         from pyarrow import fs
 
-        info = self.fs.get_file_info(place.path)
+        try:
+            info = self.fs.get_file_info(place.path)
+        except OSError as exc:
+            raise StorageError(f"cannot read {place.uri}: {_first_line(exc)}") from None
         if info.type != fs.FileType.File:
             raise FileNotFoundError(place.uri)
         if info.size > limit:
