@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from typing import Callable
@@ -528,8 +529,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from orchestra.tools.convert import convert, summary
 
-    manifest = convert(args.src, args.dest, args.format, args.shards, args.datasets, tuple(args.target_size),
-                       args.color_mode, args.validation_split, args.seed)
+    def stopped(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)  # a conversion stopped by kill leaves nothing, as on Ctrl-C
+    try:
+        manifest = convert(args.src, args.dest, args.format, args.shards, args.datasets,
+                           tuple(args.target_size), args.color_mode, args.validation_split, args.seed)
+    except KeyboardInterrupt:
+        print(f"orchestra: data convert stopped; nothing of it was left at {args.dest}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary(manifest, args.dest))
     return EXIT_OK
 
