@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -79,7 +80,7 @@ def node_arrays(spec: DataSpec, npz_path: Path | None, directory: Path, root: Pa
     _sweep(root, keep=key)
     if key not in _held:
         _held[key] = _use_lock(root, key)
-    making = os.open(root / f"{key}{MAKE_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+    making = os.open(root / f"{key}{MAKE_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(making, fcntl.LOCK_EX)  # one maker at a time
         entry = root / key
@@ -105,8 +106,9 @@ def cache_key(spec: DataSpec, npz_path: Path | None) -> str:
 
 def _identity(path: Path) -> dict:
     """What tells one version of a file from another."""
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    found = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": found.st_size, "mtime_ns": found.st_mtime_ns,
+            "inode": found.st_ino}
 
 
 def _boot_id() -> str:
@@ -119,8 +121,8 @@ def _boot_id() -> str:
 def _private_folder(root: Path) -> Path:
     """`root`, made if missing; only this user may have written into it."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stat = os.lstat(root)
-    if not os.path.isdir(root) or os.path.islink(root) or stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+    found = os.lstat(root)
+    if not os.path.isdir(root) or os.path.islink(root) or found.st_uid != os.getuid() or found.st_mode & 0o077:
         raise PermissionError(errno.EACCES, "not a folder that only this user can write to", str(root))
     return root
 
@@ -129,7 +131,7 @@ def _use_lock(root: Path, key: str) -> int:
     """The descriptor of `key`'s use lock, held shared."""
     path = root / f"{key}{LOCK_SUFFIX}"
     while True:
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(lock, fcntl.LOCK_SH)
         if _is_current(lock, path):
             return lock
@@ -196,7 +198,7 @@ def _sweep(root: Path, keep: str) -> None:
             continue  # not ours
         path = root / f"{key}{LOCK_SUFFIX}"
         try:
-            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError:
             continue
         try:
@@ -221,19 +223,27 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def default_shard_root() -> Path:
-    """Beside the bucket mirrors: `$ORCHESTRA_S3_CACHE`, else the temporary folder."""
-    return Path(os.environ.get(MIRROR_ENV) or tempfile.gettempdir()) / f"orchestra-shards-{os.getuid()}"
+    """Beside the bucket mirrors: `$ORCHESTRA_S3_CACHE`, else the temporary
+    folder. OSError when `$ORCHESTRA_S3_CACHE` is not an absolute path."""
+    parent = Path(os.environ.get(MIRROR_ENV) or tempfile.gettempdir())
+    if not parent.is_absolute():  # each process would have its own cache, below its working folder
+        raise OSError(errno.EINVAL, f"{MIRROR_ENV} must be an absolute path", str(parent))
+    return parent / f"orchestra-shards-{os.getuid()}"
 
 
 class _Hashing:
-    """A binary file that hashes and counts what is written to it."""
+    """A binary file that hashes and counts what is written to it, and
+    refuses to take more than `limit` bytes (StorageError naming `name`)."""
 
-    def __init__(self, out: BinaryIO):
-        self.out, self.digest, self.size = out, hashlib.sha256(), 0
+    def __init__(self, out: BinaryIO, limit: int, name: str):
+        self.out, self.digest, self.size, self.limit, self.name = out, hashlib.sha256(), 0, limit, name
 
     def write(self, data) -> int:
-        self.digest.update(data)
         self.size += len(data)
+        if self.size > self.limit:  # stop now: an object grown in the bucket must not fill the node's disk
+            raise StorageError(f"the shard {self.name[:200]} does not match the manifest (more than its "
+                               f"{self.limit} bytes): it was changed or damaged")
+        self.digest.update(data)
         return self.out.write(data)
 
 
@@ -244,8 +254,13 @@ class ShardCache:
     A file is written beside its place, fsynced, checked against the size
     and SHA-256 the manifest gives, and renamed into place: a file in the
     cache is always whole and verified. Its name is its checksum, so no
-    name from the manifest becomes a path. Opening a cache deletes the
-    caches of other manifests that no process of the node still uses.
+    name from the manifest becomes a path. The folders must be this user's
+    alone (else PermissionError); what is found at a file's place is used
+    only when it is a regular file of this user of the manifest's size (a
+    symlink, FIFO or folder there is replaced by a download), and a
+    download stops at the first byte past the manifest's size. Opening a
+    cache deletes the caches of other manifests that no process of the
+    node still uses.
 
     Args:
         key: names the manifest (a hash of its place and bytes), 32 hex digits.
@@ -267,6 +282,7 @@ class ShardCache:
             _held[key] = _use_lock(self.root, key)
         self.folder = self.root / key
         self.folder.mkdir(mode=0o700, exist_ok=True)
+        _private_folder(self.folder)
 
     def fetch(self, sha256: str, size: int, name: str, write: Callable[[BinaryIO], None]) -> tuple[Path, bool]:
         """(the local file holding `name`, whether this call downloaded it):
@@ -276,15 +292,18 @@ class ShardCache:
         if not SHA256.fullmatch(sha256):
             raise StorageError(f"the shard {name[:200]} has no valid SHA-256 in the manifest")
         final = self.folder / sha256
-        lock = os.open(self.folder / f"{sha256}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(self.folder / f"{sha256}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download a file on this node; the others wait for it
-            if _size(final) == size:
+            if _verified(final, size):
                 return final, False
+            _remove(final)  # not a file this cache wrote (a symlink, a FIFO, a folder): replaced by one
             staging = self.folder / f".{sha256}.{os.getpid()}"
+            _remove(staging)  # a download of a process (of this pid) that died
             try:
-                with open(staging, "wb") as out:
-                    hashing = _Hashing(out)
+                with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600),
+                               "wb") as out:
+                    hashing = _Hashing(out, size, name)
                     write(hashing)
                     out.flush()
                     os.fsync(out.fileno())
@@ -299,8 +318,19 @@ class ShardCache:
             os.close(lock)
 
 
-def _size(path: Path) -> int | None:
+def _verified(path: Path, size: int) -> bool:
+    """Whether `path` is a file this cache renamed into place: a regular
+    file of this user, not a symlink, of the manifest's size."""
     try:
-        return os.stat(path).st_size
+        found = os.lstat(path)
     except FileNotFoundError:
-        return None
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid() and found.st_size == size
+
+
+def _remove(path: Path) -> None:
+    """Whatever is at `path` gone (a folder with what it holds; a symlink, not what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

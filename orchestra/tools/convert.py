@@ -285,22 +285,27 @@ def convert(src: str, dest: str | os.PathLike, shard_format: str, shards: int, d
 def upload_shards(source: Source, dest: str, shard_format: str, shards: int) -> Manifest:
     """`write_shards` into a new prefix of a bucket: written to a temporary
     folder, then each file uploaded, the manifest last. A failed upload
-    deletes what it uploaded."""
+    deletes what it uploaded (and only that: not what another writer put
+    under the prefix meanwhile)."""
     try:
         place = parse_uri(dest, "the destination")
     except StorageError as exc:
         raise FieldError("DEST", str(exc)) from None
+    if not place.key:
+        raise FieldError("DEST", f"{dest} is a bucket's root: give a new prefix, s3://{place.bucket}/<prefix>")
     if bucket().listing(place):
         raise FieldError("DEST", f"{dest} already holds objects: give a new prefix")
     with tempfile.TemporaryDirectory(prefix="orchestra-convert-") as tmp:
         folder = Path(tmp) / "shards"
         manifest = write_shards(source, folder, shard_format, shards)
+        uploaded = []
         try:
-            for file in manifest.all_files():
-                bucket().upload(folder / file.path, place.child(file.path))
-            bucket().upload(folder / MANIFEST, place.child(MANIFEST))
+            for name in [file.path for file in manifest.all_files()] + [MANIFEST]:
+                uploaded.append(place.child(name))
+                bucket().upload(folder / name, uploaded[-1])
         except BaseException:
-            bucket().delete_tree(place)
+            for target in uploaded:
+                bucket().delete(target)
             raise
     return manifest
 
