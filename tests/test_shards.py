@@ -507,3 +507,14 @@ def test_evaluate_reads_the_test_shards(tmp_path, toy_npz, fmt):
     np.testing.assert_array_equal(y, toy_arrays()["y_test"])
     x, y, which = evaluation_arrays(data_spec(shards={"path": str(dest), "format": fmt}, test=False), tmp_path)
     assert which == "training" and len(x) == N_TRAIN
+
+
+def test_convert_refuses_more_shards_than_a_manifest_can_name_and_other_schemes_before_reading(tmp_path):
+    from orchestra.tools.convert import MAX_SHARDS_WRITTEN
+
+    with pytest.raises(FieldError, match=f"^{MAX_SHARDS_WRITTEN + 1}: at most 10,000 a split") as too_many:
+        convert("no-such-source", tmp_path / "d", "npy", MAX_SHARDS_WRITTEN + 1)
+    with pytest.raises(FieldError, match="^'gs://bucket/x' is not a place orchestra writes shards to") as scheme:
+        convert("no-such-source", "gs://bucket/x", "npy", 2)
+    assert (too_many.value.field, scheme.value.field) == ("--shards", "DEST")
+    assert list(tmp_path.iterdir()) == []

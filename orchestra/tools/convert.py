@@ -37,12 +37,17 @@ from orchestra.build.shards import (
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
+    MAX_MANIFEST_BYTES,
     X_DTYPES,
     Manifest,
 )
 from orchestra.errors import FieldError, StorageError
 from orchestra.spec import MAX_CLASSES, DataSpec, ImageFolderSpec, problems_of
 from orchestra.storage.bucket import bucket, is_uri, parse_uri
+
+# Shards a split `convert` writes at most: their manifest (about 300 bytes a
+# shard) then stays well under MAX_MANIFEST_BYTES with three splits.
+MAX_SHARDS_WRITTEN = 10_000
 
 CHUNK = 8192  # examples read from the source at a time
 DEFAULT_SEED = DataSpec.model_fields["seed"].default  # a job's split draws with the same seed by default
@@ -274,6 +279,12 @@ def convert(src: str, dest: str | os.PathLike, shard_format: str, shards: int, d
         >>> convert("mnist", "/tmp/mnist-npy", "npy", 4).splits["train"].count   # doctest: +SKIP
         60000
     """
+    if shards > MAX_SHARDS_WRITTEN:
+        raise FieldError("--shards", f"{shards}: at most {MAX_SHARDS_WRITTEN:,} a split, so that the manifest "
+                                     f"stays under the {MAX_MANIFEST_BYTES // 2**20} MB a reader takes")
+    if "://" in str(dest) and not is_uri(str(dest)):
+        raise FieldError("DEST", f"'{str(dest)[:200]}' is not a place orchestra writes shards to: give a new "
+                                 "folder or s3://<bucket>/<prefix>")
     source = open_source(src, datasets, target_size, color_mode)
     if validation_split is not None:
         source = with_validation(source, validation_split, DEFAULT_SEED if seed is None else seed)
