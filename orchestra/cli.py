@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = _verb(data.add_subparsers(dest="data_verb", required=True, metavar="VERB"), "convert",
                     cmd_data_convert, "write a dataset as shard files and a manifest, for data.shards")
     convert.add_argument("src", metavar="SRC", help="Keras dataset name, .npz path or class-per-subfolder image folder")
-    convert.add_argument("dest", metavar="DEST", help="new folder, or new s3://bucket/prefix, for the shards and manifest.json")
+    convert.add_argument("dest", metavar="DEST",
+                         help="new folder, or new s3://bucket/prefix, for the shards and manifest.json")
     convert.add_argument("--format", required=True, choices=("npy", "tfrecord"))
     convert.add_argument("--shards", required=True, type=int, metavar="N", help="shard files per split")
     convert.add_argument("--target-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
