@@ -213,7 +213,14 @@ def split_indices(n: int, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
             "data.train_size" if spec.train_size and test_size is None else split_field,
             f"asks for {max(n_test, 0)} validation + {n_train} training examples but the source has {n}",
         )
-    order = np.random.RandomState(spec.seed).permutation(n)
+    return sklearn_draw(n, n_test, n_train, spec.seed)
+
+
+def sklearn_draw(n: int, n_test: int, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of `n_train` and `n_test` of `n`
+    examples, as `train_test_split(random_state=seed)` draws them: one
+    `RandomState(seed)` permutation, validation its first `n_test`."""
+    order = np.random.RandomState(seed).permutation(n)
     return order[n_test:n_test + n_train], order[:n_test]
 
 

@@ -169,8 +169,8 @@ def with_validation(source: Source, fraction: float, seed: int) -> Source:
     if held >= train.count:
         raise FieldError("--validation-split", f"takes {held} of the {train.count} training examples and leaves "
                                                "none to train on")
-    order = np.random.RandomState(seed).permutation(train.count)
-    splits = {"train": train.subset(order[held:]), "validation": train.subset(order[:held]),
+    kept, validation = data_lib.sklearn_draw(train.count, held, train.count - held, seed)
+    splits = {"train": train.subset(kept), "validation": train.subset(validation),
               **{name: split for name, split in source.splits.items() if name != "train"}}
     return Source(splits, source.shape, source.dtype, source.classes, source.name)
 
