@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc) if isinstance(exc, SpecError) else f"orchestra: {_field_prefix(exc)}{exc}"
         print(message, file=sys.stderr)
         if args.verb == "validate" and args.json:
-            print(json.dumps({"spec": args.spec, "valid": False, "problems": _problems(exc)}, indent=2))
+            _print(args, {"spec": args.spec, "valid": False, "problems": _problems(exc)}, "")
         return exc.exit_code
 
 
